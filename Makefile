@@ -1,0 +1,46 @@
+# The README's two commands: `make demo` and `make test`. Each creates the
+# virtual environment it needs on a fresh machine with only Python installed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Tests that must pass on every Keras backend, not only TensorFlow.
+MULTI_BACKEND_TESTS := tests/test_ops.py tests/test_layers.py
+
+.PHONY: demo test lint typecheck pytest docs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+# One stamp per set of extras: reinstall when pyproject.toml changes.
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[examples]"
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[dev,docs,examples,backends]"
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/python examples/quickstart.py
+
+test: lint typecheck pytest docs
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.test-installed
+	$(BIN)/mypy stopgrad_lr
+
+# pytest exits 5 when it collects no test; make treats that as a failure.
+pytest: $(VENV)/.test-installed
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest
+	KERAS_BACKEND=jax $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS)
+	KERAS_BACKEND=torch $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS)
+
+docs: $(VENV)/.test-installed
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+clean:
+	rm -rf $(VENV) build site

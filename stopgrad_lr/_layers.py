@@ -1,0 +1,166 @@
+"""Keras layers around `scale_gradient`: `GradientScale` and `GradientReversal`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from stopgrad_lr._ops import scale_gradient, validate_method, validate_scale
+
+
+@keras.saving.register_keras_serializable(package="stopgrad_lr")
+class GradientScale(keras.layers.Layer):
+    """Identity in the forward pass; multiplies the gradient by `scale`.
+
+    Put it after a block of a network and, with an SGD-like optimizer,
+    everything upstream of it trains with its learning rate multiplied by
+    `scale` (scales compound: two layers with 0.1 give 0.01 to what lies
+    before both). `scale=0` stops the gradient, a negative scale reverses it.
+    The output is bit-identical to the input in every dtype.
+
+    The scale lives in a non-trainable float32 variable that is never
+    autocast, so assigning `layer.scale = value` takes effect at the next
+    training step of an already compiled and traced model, without
+    retracing. The layer does not cast its input: it returns the same dtype
+    it receives, whatever the dtype policy.
+
+    On the JAX backend, `fit` carries the variables outside the model during
+    an epoch; a callback that changes the scale must reach the layer through
+    `self.model` (which syncs that state first), as in
+    `self.model.get_layer("boundary").scale = 0.5`.
+
+    Args:
+        scale: The gradient multiplier, a finite float. Defaults to 1.0.
+        method: `"custom_gradient"` (default) or `"stop_gradient"`; see
+            `stopgrad_lr.scale_gradient`. Both are exact in the forward pass
+            for finite values; only `"custom_gradient"` also keeps +-inf and
+            -0.0.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Call arguments:
+        inputs: A tensor of any rank and dtype. Non-floating tensors pass
+            through without a gradient.
+
+    Returns:
+        The input, unchanged.
+
+    Raises:
+        ValueError: If `scale` is not a finite number or `method` is unknown.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import stopgrad_lr
+    >>> layer = stopgrad_lr.GradientScale(0.1)
+    >>> layer.scale
+    0.1
+    >>> x = np.array([[1.0, 2.0]], dtype="float32")
+    >>> bool(np.array_equal(keras.ops.convert_to_numpy(layer(x)), x))
+    True
+    >>> layer.scale = 0.5
+    >>> layer.scale
+    0.5
+    """
+
+    def __init__(
+        self, scale: float = 1.0, method: str = "custom_gradient", **kwargs: Any
+    ) -> None:
+        # A pass-through layer must not cast its input to the policy's
+        # compute dtype: under mixed_float16 that would round float32 inputs.
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        scale = validate_scale(scale)
+        self.method = validate_method(method)
+        self.supports_masking = True
+        self._scale = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(scale),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            name="scale",
+        )
+        self._build_at_init()
+
+    @property
+    def scale(self) -> float:
+        """The current gradient multiplier, as a Python float.
+
+        The value is stored in float32; this returns the shortest decimal
+        that identifies it (so a scale set to 0.1 reads back as 0.1).
+        """
+        stored = np.float32(keras.ops.convert_to_numpy(self._scale))
+        return float(str(stored))
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale.assign(validate_scale(value))
+
+    def call(self, inputs: Any) -> Any:
+        return scale_gradient(inputs, self._scale, method=self.method)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def compute_output_spec(self, inputs: Any) -> Any:
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "scale": self.scale, "method": self.method}
+
+
+@keras.saving.register_keras_serializable(package="stopgrad_lr")
+class GradientReversal(GradientScale):
+    """Identity in the forward pass; multiplies the gradient by `-strength`.
+
+    The gradient reversal layer of domain-adversarial training (DANN): the
+    feature extractor below it learns to confuse the domain classifier above
+    it. It is a `GradientScale` whose scale is `-strength`; `strength` can be
+    changed during training (for example ramped from 0 to 1) without
+    retracing.
+
+    Args:
+        strength: How strongly to reverse, a finite float. Defaults to 1.0.
+        method: `"custom_gradient"` (default) or `"stop_gradient"`.
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Call arguments:
+        inputs: A tensor of any rank and dtype.
+
+    Returns:
+        The input, unchanged.
+
+    Raises:
+        ValueError: If `strength` is not a finite number or `method` is
+            unknown.
+
+    Example:
+
+    >>> import stopgrad_lr
+    >>> layer = stopgrad_lr.GradientReversal(0.3)
+    >>> layer.strength, layer.scale
+    (0.3, -0.3)
+    """
+
+    def __init__(
+        self, strength: float = 1.0, method: str = "custom_gradient", **kwargs: Any
+    ) -> None:
+        strength = validate_scale(strength, argument="strength")
+        # `0.0 - x` rather than `-x`: a strength of 0 must not read back as -0.0.
+        super().__init__(scale=0.0 - strength, method=method, **kwargs)
+
+    @property
+    def strength(self) -> float:
+        """The current reversal strength: the gradient is multiplied by -strength."""
+        return 0.0 - self.scale
+
+    @strength.setter
+    def strength(self, value: float) -> None:
+        self.scale = 0.0 - validate_scale(value, argument="strength")
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["strength"] = 0.0 - config.pop("scale")
+        return config
