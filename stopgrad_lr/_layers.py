@@ -49,19 +49,18 @@ class GradientScale(keras.layers.Layer):
     Raises:
         ValueError: If `scale` is not a finite number or `method` is unknown.
 
-    Example:
-
-    >>> import numpy as np
-    >>> import stopgrad_lr
-    >>> layer = stopgrad_lr.GradientScale(0.1)
-    >>> layer.scale
-    0.1
-    >>> x = np.array([[1.0, 2.0]], dtype="float32")
-    >>> bool(np.array_equal(keras.ops.convert_to_numpy(layer(x)), x))
-    True
-    >>> layer.scale = 0.5
-    >>> layer.scale
-    0.5
+    Examples:
+        >>> import numpy as np
+        >>> import stopgrad_lr
+        >>> layer = stopgrad_lr.GradientScale(0.1)
+        >>> layer.scale
+        0.1
+        >>> x = np.array([[1.0, 2.0]], dtype="float32")
+        >>> bool(np.array_equal(keras.ops.convert_to_numpy(layer(x)), x))
+        True
+        >>> layer.scale = 0.5
+        >>> layer.scale
+        0.5
     """
 
     def __init__(
@@ -136,12 +135,11 @@ class GradientReversal(GradientScale):
         ValueError: If `strength` is not a finite number or `method` is
             unknown.
 
-    Example:
-
-    >>> import stopgrad_lr
-    >>> layer = stopgrad_lr.GradientReversal(0.3)
-    >>> layer.strength, layer.scale
-    (0.3, -0.3)
+    Examples:
+        >>> import stopgrad_lr
+        >>> layer = stopgrad_lr.GradientReversal(0.3)
+        >>> layer.strength, layer.scale
+        (0.3, -0.3)
     """
 
     def __init__(
@@ -164,3 +162,56 @@ class GradientReversal(GradientScale):
         config = super().get_config()
         config["strength"] = 0.0 - config.pop("scale")
         return config
+
+
+@keras.saving.register_keras_serializable(package="stopgrad_lr")
+class GradientStop(keras.layers.Layer):
+    """Identity in the forward pass; no gradient flows back through it.
+
+    Unlike `GradientScale(0.0)`, which multiplies the gradient by zero and
+    still runs the whole backward pass upstream, a stop cuts the backward
+    graph: nothing upstream of it is differentiated, so that part of a
+    training step costs only its forward pass. A stop is fixed; use
+    `GradientScale(0.0)` for a zero that a schedule raises later (gradual
+    unfreezing). BatchNormalization layers upstream still update their
+    moving statistics in training mode; set `trainable=False` on them to
+    freeze those too.
+
+    Args:
+        **kwargs: Base layer keyword arguments, such as `name`.
+
+    Call arguments:
+        inputs: A tensor of any rank and dtype.
+
+    Returns:
+        The input, unchanged (bit for bit, including +-inf and -0.0).
+
+    Examples:
+        >>> import numpy as np
+        >>> import stopgrad_lr
+        >>> x = np.array([1.0, -0.0, np.inf], dtype="float32")
+        >>> y = keras.ops.convert_to_numpy(stopgrad_lr.GradientStop()(x))
+        >>> bool(np.array_equal(y.view("uint32"), x.view("uint32")))
+        True
+    """
+
+    scale = 0.0  # read by the analysis like GradientScale.scale
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("autocast", False)
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self._build_at_init()
+
+    def call(self, inputs: Any) -> Any:
+        return keras.ops.stop_gradient(inputs)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def compute_output_spec(self, inputs: Any) -> Any:
+        return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
+
+
+# Every layer this package inserts, for analysis and stripping.
+SCALE_LAYERS = (GradientScale, GradientStop)

@@ -122,14 +122,13 @@ def scale_gradient(x: Any, scale: Any, method: str = "custom_gradient") -> Any:
         ValueError: If `scale` is a bool, not a number, or not finite, or if
             `method` is unknown.
 
-    Example:
-
-    >>> import numpy as np
-    >>> import stopgrad_lr
-    >>> x = keras.Variable(np.array([1.0, -2.0, 3.0], dtype="float32"))
-    >>> y = stopgrad_lr.scale_gradient(x, 0.5)
-    >>> bool(np.array_equal(keras.ops.convert_to_numpy(y), [1.0, -2.0, 3.0]))
-    True
+    Examples:
+        >>> import numpy as np
+        >>> import stopgrad_lr
+        >>> x = keras.Variable(np.array([1.0, -2.0, 3.0], dtype="float32"))
+        >>> y = stopgrad_lr.scale_gradient(x, 0.5)
+        >>> bool(np.array_equal(keras.ops.convert_to_numpy(y), [1.0, -2.0, 3.0]))
+        True
     """
     method = validate_method(method)
     if not (ops.is_tensor(scale) or isinstance(scale, keras.Variable)):

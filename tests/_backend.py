@@ -71,3 +71,75 @@ def bits(x: np.ndarray) -> np.ndarray:
     """The raw bit patterns of a float array, so -0.0 and NaN compare exactly."""
     x = np.ascontiguousarray(x)
     return x.view(f"uint{8 * x.dtype.itemsize}")
+
+
+def weight_gradients(model: Any, inputs: Any, seed: int = 0) -> dict[int, np.ndarray]:
+    """Gradients of a fixed random projection of the outputs, by variable id.
+
+    loss = sum_i sum(output_i * w_i) with fixed random w_i, so every output
+    element contributes with its own weight.
+    """
+    rng = np.random.default_rng(seed)
+    spec = keras.tree.flatten(model.outputs)
+    projections = [
+        rng.standard_normal((1, *t.shape[1:])).astype("float32") for t in spec
+    ]
+    variables = model.trainable_variables
+
+    def loss_of(outputs: Any) -> Any:
+        return sum(
+            keras.ops.sum(keras.ops.cast(o, "float32") * w)
+            for o, w in zip(keras.tree.flatten(outputs), projections, strict=True)
+        )
+
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            value = loss_of(model(inputs, training=False))
+        grads = tape.gradient(value, variables)
+    elif BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        def pure(trainable: Any) -> Any:
+            outputs, _ = model.stateless_call(trainable, frozen, inputs, training=False)
+            return loss_of(outputs)
+
+        # Compiled as a whole: eager JAX compiles every op of a big model.
+        grads = jax.jit(jax.grad(pure))(trainable)
+    else:
+        raise NotImplementedError("weight gradients are compared on TF and JAX")
+    return {
+        id(v): np.zeros(v.shape, "float32") if g is None else to_numpy(g)
+        for v, g in zip(variables, grads, strict=True)
+    }
+
+
+def relative_error(actual: np.ndarray, desired: np.ndarray) -> float:
+    """Norm-wise relative error of a whole gradient (see test_layers)."""
+    desired = np.asarray(desired, "float64")
+    scale = np.linalg.norm(desired)
+    if scale == 0:
+        return float(np.linalg.norm(actual))
+    return float(np.linalg.norm(np.asarray(actual, "float64") - desired) / scale)
+
+
+def forward(model: Any, inputs: Any, training: bool) -> list[np.ndarray]:
+    """The model's outputs as a flat list of arrays (compiled on JAX)."""
+    if BACKEND == "jax":
+        import jax
+
+        trainable = [v.value for v in model.trainable_variables]
+        frozen = [v.value for v in model.non_trainable_variables]
+
+        @jax.jit
+        def run(trainable: Any, frozen: Any, inputs: Any) -> Any:
+            return model.stateless_call(trainable, frozen, inputs, training=training)[0]
+
+        result = run(trainable, frozen, inputs)
+    else:
+        result = model(inputs, training=training)
+    return [to_numpy(t) for t in keras.tree.flatten(result)]

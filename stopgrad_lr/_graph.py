@@ -1,0 +1,682 @@
+"""Read-only analysis of a model's gradient paths: cuts and effective multipliers.
+
+The model is read through its config (`model.get_config()`), the public and
+documented form of a functional graph, and flattened: nested functional and
+Sequential models are expanded in place, so a layer inside a nested model is
+a node like any other, named by its path `"outer/inner"`. Only floating
+tensors are edges: an integer or boolean tensor (token ids, an Embedding's
+mask) carries no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import keras
+
+from stopgrad_lr._layers import SCALE_LAYERS
+
+# A multiplier is kept to 12 significant digits, so that 0.1 * 0.5 and
+# 0.5 * 0.1 reached along two paths count as one value.
+_DIGITS = 12
+
+
+def _normalise(value: float) -> float:
+    return float(f"{value:.{_DIGITS}g}")
+
+
+@dataclass(eq=False)
+class Node:
+    """One call of a layer (or Keras operation) in the flattened graph."""
+
+    index: int
+    path: str
+    layer: Any
+    inputs: list[int] = field(default_factory=list)  # float tensor ids
+    outputs: list[int] = field(default_factory=list)  # tensor ids
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the call trains weights of its own (a nested model's
+        container node does not: its layers are nodes of their own)."""
+        if isinstance(self.layer, keras.Model):
+            return False
+        return bool(getattr(self.layer, "trainable_weights", None))
+
+    @property
+    def scale(self) -> float | None:
+        """The gradient multiplier of a stopgrad_lr layer, else None."""
+        if isinstance(self.layer, SCALE_LAYERS):
+            return float(self.layer.scale)
+        return None
+
+
+@dataclass(eq=False)
+class Tensor:
+    producer: int | None  # node index; None for a model input
+    is_float: bool
+    consumers: list[int] = field(default_factory=list)  # node indices
+
+
+class Graph:
+    """The flattened call graph of a built functional or Sequential model."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.nodes: list[Node] = []
+        self.tensors: list[Tensor] = []
+        self.outputs: list[int] = []
+        inputs = [
+            self._new_tensor(None, keras.backend.is_float_dtype(t.dtype))
+            for t in model.inputs
+        ]
+        for tensor_id, output in zip(
+            self._add_model(model, "", inputs), model.outputs, strict=True
+        ):
+            if keras.backend.is_float_dtype(output.dtype):
+                self.outputs.append(tensor_id)
+        self.order = self._topological_order()
+        # Per node, the bit set of itself and its ancestors; filled by cuts().
+        self.above: list[int] = []
+        self._cuts: dict[int, bool] | None = None
+
+    # Construction --------------------------------------------------------
+
+    def _new_tensor(self, producer: int | None, is_float: bool) -> int:
+        self.tensors.append(Tensor(producer, is_float))
+        return len(self.tensors) - 1
+
+    def _new_node(self, path: str, layer: Any, inputs: list[int]) -> Node:
+        node = Node(len(self.nodes), path, layer)
+        for tensor_id in inputs:
+            if self.tensors[tensor_id].is_float:
+                node.inputs.append(tensor_id)
+                self.tensors[tensor_id].consumers.append(node.index)
+        self.nodes.append(node)
+        return node
+
+    def _add_model(self, model: Any, prefix: str, inputs: list[int]) -> list[int]:
+        if isinstance(model, keras.Sequential):
+            return self._add_sequential(model, prefix, inputs)
+        return self._add_functional(model, prefix, inputs)
+
+    def _add_call(self, layer: Any, path: str, inputs: list[int]) -> Node:
+        """Adds a layer call. A nested model is expanded in place and followed
+        by a container node that stands for its outputs, so that the nested
+        model as a whole can be a boundary."""
+        if isinstance(layer, keras.Model):
+            inputs = self._add_model(layer, f"{path}/", inputs)
+        node = self._new_node(path, layer, inputs)
+        if isinstance(layer, keras.Model):
+            for tensor_id in inputs:
+                is_float = self.tensors[tensor_id].is_float
+                node.outputs.append(self._new_tensor(node.index, is_float))
+        return node
+
+    def _add_sequential(
+        self, model: keras.Sequential, prefix: str, inputs: list[int]
+    ) -> list[int]:
+        (current,) = inputs
+        spec = keras.KerasTensor(model.inputs[0].shape, dtype=model.inputs[0].dtype)
+        for layer in model.layers:
+            # The dtype of each link of the chain, without calling the layer
+            # on a graph (which would add a node to the user's layer).
+            spec = layer.compute_output_spec(spec)
+            is_float = keras.backend.is_float_dtype(spec.dtype)
+            node = self._add_call(layer, prefix + layer.name, [current])
+            if not node.outputs:
+                node.outputs.append(self._new_tensor(node.index, is_float))
+            (current,) = node.outputs
+        return [current]
+
+    def _add_functional(
+        self, model: keras.Model, prefix: str, inputs: list[int]
+    ) -> list[int]:
+        config = model.get_config()
+        operations = {op.name: op for op in model.operations}
+        refs: dict[tuple[str, int, int], int] = {}
+        for ref, tensor_id in zip(
+            _history_list(config["input_layers"]), inputs, strict=True
+        ):
+            refs[ref] = tensor_id
+
+        calls = [
+            (layer_config["name"], node_index, node_config)
+            for layer_config in config["layers"]
+            for node_index, node_config in enumerate(layer_config["inbound_nodes"])
+        ]
+        produced_by: dict[tuple[str, int], Node] = {}
+        for name, node_index, node_config in _in_dependency_order(calls):
+            layer = operations[name]
+            # A nested model binds its positional arguments to its inputs; a
+            # keyword tensor such as `mask=` is not one of them.
+            arguments = list(
+                _keras_tensor_refs(
+                    node_config["args"]
+                    if isinstance(layer, keras.Model)
+                    else node_config
+                )
+            )
+            input_ids = []
+            for (source, source_node, source_index), is_float in arguments:
+                key = (source, source_node, source_index)
+                if key not in refs:
+                    refs[key] = self._output_of(
+                        produced_by[(source, source_node)], source_index, is_float
+                    )
+                input_ids.append(refs[key])
+            produced_by[(name, node_index)] = self._add_call(
+                layer, prefix + name, input_ids
+            )
+        outputs = []
+        for ref in _history_list(config["output_layers"]):
+            if ref not in refs:
+                refs[ref] = self._output_of(produced_by[ref[:2]], ref[2], True)
+            outputs.append(refs[ref])
+        return outputs
+
+    def _output_of(self, producer: Node, index: int, is_float: bool) -> int:
+        while len(producer.outputs) <= index:
+            producer.outputs.append(-1)
+        if producer.outputs[index] < 0:
+            producer.outputs[index] = self._new_tensor(producer.index, is_float)
+        return producer.outputs[index]
+
+    def _topological_order(self) -> list[int]:
+        pending = [sum(1 for _ in self.producers(node)) for node in self.nodes]
+        ready = [node.index for node in self.nodes if not pending[node.index]]
+        order = []
+        while ready:
+            index = ready.pop()
+            order.append(index)
+            for tensor_id in self.nodes[index].outputs:
+                if tensor_id < 0:
+                    continue
+                for consumer in self.tensors[tensor_id].consumers:
+                    pending[consumer] -= 1
+                    if not pending[consumer]:
+                        ready.append(consumer)
+        return order
+
+    # Queries ---------------------------------------------------------------
+
+    def consumers(self, node: Node) -> Iterator[Node]:
+        for tensor_id in node.outputs:
+            if tensor_id >= 0:
+                for consumer in self.tensors[tensor_id].consumers:
+                    yield self.nodes[consumer]
+
+    def producers(self, node: Node) -> Iterator[Node]:
+        for tensor_id in node.inputs:
+            producer = self.tensors[tensor_id].producer
+            if producer is not None:
+                yield self.nodes[producer]
+
+    def reaches_output(self) -> list[bool]:
+        """For each node, whether a float path leads from it to a model output."""
+        reaches = [False] * len(self.nodes)
+        outputs = set(self.outputs)
+        for index in reversed(self.order):
+            node = self.nodes[index]
+            reaches[index] = any(t in outputs for t in node.outputs) or any(
+                reaches[c.index] for c in self.consumers(node)
+            )
+        return reaches
+
+    def multiplier_sets(self) -> dict[int, frozenset[float]]:
+        """For each node, the products of scales on its paths to the outputs.
+
+        The set is that of the node's outputs: a scale layer's own set does
+        not include its scale, which applies to what lies upstream of it.
+        """
+        at_tensor: dict[int, set[float]] = {t: {1.0} for t in self.outputs}
+        sets: dict[int, frozenset[float]] = {}
+        for index in reversed(self.order):
+            node = self.nodes[index]
+            values: set[float] = set()
+            for tensor_id in node.outputs:
+                values |= at_tensor.get(tensor_id, set())
+            sets[index] = frozenset(values)
+            scale = node.scale
+            passed = (
+                values if scale is None else {_normalise(v * scale) for v in values}
+            )
+            for tensor_id in node.inputs:
+                at_tensor.setdefault(tensor_id, set()).update(passed)
+        return sets
+
+    def cuts(self) -> dict[int, bool]:
+        """For each node with trainable weights upstream (or its own) and a
+        path to an output, whether it is a cut.
+
+        A node is a cut when every gradient path from the trainable weights
+        upstream of it to the outputs passes through it. Bit sets keep this
+        linear in the number of nodes: `above[n]` holds n and its ancestors;
+        `escapes[n]` holds, for every ancestor-or-self of n that carries a
+        weight gradient, the nodes its gradient also comes from (consumers
+        that reach an output, other call sites of a shared layer, and the
+        pseudo-node OUTPUT when it is itself a model output). A layer is a cut
+        exactly when the escapes of its strict ancestors stay inside `above`.
+        """
+        if self._cuts is not None:
+            return self._cuts
+        reaches = self.reaches_output()
+        output_bit = 1 << len(self.nodes)
+        outputs = set(self.outputs)
+        sites: dict[int, list[int]] = {}
+        for node in self.nodes:
+            if node.trainable and reaches[node.index]:
+                sites.setdefault(id(node.layer), []).append(node.index)
+
+        above = [0] * len(self.nodes)
+        escapes = [0] * len(self.nodes)
+        carries = [False] * len(self.nodes)  # a weight gradient flows through
+        strict_escapes = [0] * len(self.nodes)
+        for index in self.order:
+            node = self.nodes[index]
+            bits, inherited = 1 << index, 0
+            carries[index] = node.trainable
+            for producer in self.producers(node):
+                bits |= above[producer.index]
+                inherited |= escapes[producer.index]
+                carries[index] = carries[index] or carries[producer.index]
+            above[index], strict_escapes[index] = bits, inherited
+            own = 0
+            if carries[index]:
+                for consumer in self.consumers(node):
+                    if reaches[consumer.index]:
+                        own |= 1 << consumer.index
+                if any(t in outputs for t in node.outputs):
+                    own |= output_bit
+                if node.trainable:
+                    for sibling in sites.get(id(node.layer), []):
+                        own |= 1 << sibling
+            escapes[index] = inherited | own
+
+        self.above = above
+        self._cuts = {
+            node.index: not strict_escapes[node.index] & ~above[node.index]
+            for node in self.nodes
+            if carries[node.index] and reaches[node.index]
+        }
+        return self._cuts
+
+    def bypass(self, node: Node) -> tuple[Node, Node]:
+        """One edge from the upstream region of a non-cut `node` that avoids it.
+
+        Only called to explain an error, after `cuts()`.
+        """
+        reaches = self.reaches_output()
+        region = self.above[node.index]
+        outputs = set(self.outputs)
+        for index in self.order:
+            if index == node.index or not region >> index & 1:
+                continue
+            source = self.nodes[index]
+            for consumer in self.consumers(source):
+                if reaches[consumer.index] and not region >> consumer.index & 1:
+                    return source, consumer
+            if any(t in outputs for t in source.outputs):
+                return source, _OUTPUT
+            for other in self.nodes:
+                if (
+                    other.layer is source.layer
+                    and other.index != index
+                    and reaches[other.index]
+                    and not region >> other.index & 1
+                ):
+                    return source, other
+        raise RuntimeError(f"no bypass found for {node.path}")  # pragma: no cover
+
+    def layer_paths(self) -> dict[int, str]:
+        """The path of every distinct layer object, first call site wins."""
+        paths: dict[int, str] = {}
+        for node in self.nodes:
+            paths.setdefault(id(node.layer), node.path)
+        return paths
+
+
+# The destination of a bypass through a model output.
+_OUTPUT = Node(-1, "<model output>", None)
+
+
+def _history_list(value: Any) -> list[tuple[str, int, int]]:
+    """`input_layers`/`output_layers` of a config as a list of triples."""
+    if isinstance(value, dict):  # in keras.tree.flatten order: sorted keys
+        value = [value[key] for key in sorted(value)]
+    elif value and isinstance(value[0], str):
+        value = [value]
+    return [(str(n), int(i), int(t)) for n, i, t in value]
+
+
+def _keras_tensor_refs(value: Any) -> Iterator[tuple[tuple[str, int, int], bool]]:
+    """Every Keras tensor in a node's args and kwargs, in order, with float-ness."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            config = value["config"]
+            name, node_index, tensor_index = config["keras_history"]
+            is_float = keras.backend.is_float_dtype(config["dtype"])
+            yield (str(name), int(node_index), int(tensor_index)), is_float
+            return
+        # A node's {"args", "kwargs"}, or a dict argument (flattened like
+        # keras.tree.flatten: sorted keys).
+        for key in ("args", "kwargs") if "args" in value else sorted(value):
+            if key in value:
+                yield from _keras_tensor_refs(value[key])
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _keras_tensor_refs(item)
+
+
+def _in_dependency_order(
+    calls: list[tuple[str, int, Any]],
+) -> Iterator[tuple[str, int, Any]]:
+    """The calls of a functional config, each after the calls it consumes.
+
+    The config lists layers, each with all its calls; a shared layer's second
+    call may consume a layer listed after it, so the order is recomputed.
+    """
+    waiting: dict[tuple[str, int], list[int]] = {}
+    missing = [0] * len(calls)
+    keys = {(name, node_index) for name, node_index, _ in calls}
+    for position, (_, _, node_config) in enumerate(calls):
+        sources = {ref[:2] for ref, _ in _keras_tensor_refs(node_config)} & keys
+        missing[position] = len(sources)
+        for source in sources:
+            waiting.setdefault(source, []).append(position)
+    ready = [p for p, count in enumerate(missing) if not count]
+    while ready:
+        position = ready.pop()
+        name, node_index, node_config = calls[position]
+        yield calls[position]
+        for dependent in waiting.get((name, node_index), []):
+            missing[dependent] -= 1
+            if not missing[dependent]:
+                ready.append(dependent)
+
+
+def check_model(model: Any, action: str) -> None:
+    """Raises a clear error unless `model` is a built functional/Sequential model."""
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Invalid value received for argument `model`. Expected a built "
+            f"keras.Model (functional or Sequential). Received: model={model!r} "
+            f"of type {type(model).__name__}"
+        )
+    if isinstance(model, keras.Sequential):
+        if not model.built or not _has_inputs(model):
+            raise ValueError(
+                f"Cannot {action} the Sequential model '{model.name}': it has no "
+                f"defined inputs yet. Start it with `keras.Input(shape)` or call "
+                f"`model.build(input_shape)` first."
+            )
+        return
+    if not _has_inputs(model):
+        raise ValueError(
+            f"Cannot {action} the model '{model.name}' of class "
+            f"{type(model).__name__}: it is a subclassed model, whose graph is "
+            f"Python code that cannot be read or rewritten. Put the layer into "
+            f"its `call` by hand instead: create `stopgrad_lr.GradientScale(0.1)` "
+            f"in `__init__` and apply it to a block's output in `call`, or use "
+            f"`stopgrad_lr.scale_gradient(x, 0.1)` there."
+        )
+
+
+def _has_inputs(model: keras.Model) -> bool:
+    try:
+        return bool(model.inputs) and bool(model.outputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+def _multiplier(values: frozenset[float]) -> float:
+    if len(values) == 1:
+        return next(iter(values))
+    return math.nan if values else 0.0
+
+
+def _layer_multiplier_sets(graph: Graph) -> dict[int, frozenset[float]]:
+    """Per layer object: the union of the multiplier sets of its call sites."""
+    node_sets = graph.multiplier_sets()
+    per_layer: dict[int, set[float]] = {}
+    for index in graph.order:
+        node = graph.nodes[index]
+        per_layer.setdefault(id(node.layer), set()).update(node_sets[index])
+    return {key: frozenset(values) for key, values in per_layer.items()}
+
+
+def effective_multipliers(model: keras.Model) -> dict[str, float]:
+    """The learning-rate multiplier that each trainable layer really gets.
+
+    For every layer with trainable weights, the product of the gradient
+    scales on its paths to the model's outputs. When all paths agree, that
+    product is the layer's multiplier: with an SGD-like optimizer the layer
+    trains as if its learning rate were multiplied by it.
+
+    When paths disagree the value is `nan`: the layer's gradient is a sum of
+    path gradients scaled differently (a residual connection that bypasses a
+    scale, a second model output, another call of a shared layer), so no
+    single multiplier describes it. `stopgrad_lr.summary` lists the products
+    found. A layer with no float path to an output gets 0.0.
+
+    Args:
+        model: A built functional or Sequential model; nested models are
+            analysed too.
+
+    Returns:
+        A dict from layer path (its name, or `"outer/inner"` inside a nested
+        model) to its multiplier, in topological order.
+
+    Raises:
+        ValueError: If `model` is not a built functional or Sequential model.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> inputs = keras.Input((4,))
+        >>> hidden = keras.layers.Dense(8, name="body")(inputs)
+        >>> hidden = stopgrad_lr.GradientScale(0.1)(hidden)
+        >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+        >>> stopgrad_lr.effective_multipliers(model)
+        {'body': 0.1, 'head': 1.0}
+    """
+    check_model(model, "analyse")
+    graph = Graph(model)
+    sets = _layer_multiplier_sets(graph)
+    result: dict[str, float] = {}
+    for index in graph.order:
+        node = graph.nodes[index]
+        if node.trainable and node.path not in result:
+            result[node.path] = _multiplier(sets[id(node.layer)])
+    return result
+
+
+def cut_layers(graph: Graph) -> dict[int, str | None]:
+    """Per layer object with weights upstream: None if a scale after each of
+    its calls gives a clean multiplier, else why not, as a bypassing edge.
+
+    A shared layer is a cut when each call is, and no call feeds another
+    (then its own weights would get the scale once along one call and twice
+    along the other).
+    """
+    cuts = graph.cuts()
+    sites: dict[int, list[Node]] = {}
+    for index in graph.order:
+        node = graph.nodes[index]
+        if index in cuts:
+            sites.setdefault(id(node.layer), []).append(node)
+    per_layer: dict[int, str | None] = {}
+    for key, nodes in sites.items():
+        per_layer[key] = None
+        for node in nodes:
+            if not cuts[node.index]:
+                source, destination = graph.bypass(node)
+                per_layer[key] = f"{source.path} -> {destination.path}"
+                break
+            later = [n for n in nodes if graph.above[n.index] >> node.index & 1]
+            if len(later) > 1:
+                per_layer[key] = (
+                    f"{node.path} -> {node.path} (its output feeds another call of "
+                    f"the same layer)"
+                )
+                break
+    return per_layer
+
+
+def gradient_cuts(model: keras.Model) -> list[str]:
+    """The layers where a gradient scale gives a clean multiplier.
+
+    A layer is a cut when every gradient path from the trainable weights
+    upstream of it (its own included) to the model's outputs passes through
+    its output. A scale there multiplies the gradient of all of them by
+    exactly the scale. A layer inside a residual block is not a cut: the skip
+    connection carries part of the gradient around it. Only float tensors are
+    gradient paths; a shared layer is a cut when each of its calls is.
+    stopgrad_lr's own layers are not listed.
+
+    Args:
+        model: A built functional or Sequential model.
+
+    Returns:
+        Layer paths in topological order.
+
+    Raises:
+        ValueError: If `model` is not a built functional or Sequential model.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> inputs = keras.Input((4,))
+        >>> body = keras.layers.Dense(4, name="body")(inputs)
+        >>> branch = keras.layers.Dense(4, name="branch")(body)
+        >>> added = keras.layers.Add(name="add")([body, branch])
+        >>> model = keras.Model(inputs, keras.layers.Dense(1, name="head")(added))
+        >>> stopgrad_lr.gradient_cuts(model)
+        ['body', 'add', 'head']
+    """
+    check_model(model, "analyse")
+    graph = Graph(model)
+    cuts = cut_layers(graph)
+    result: list[str] = []
+    seen: set[int] = set()
+    for index in graph.order:
+        node = graph.nodes[index]
+        key = id(node.layer)
+        if key in seen or node.scale is not None:
+            continue
+        seen.add(key)
+        if key in cuts and cuts[key] is None:
+            result.append(node.path)
+    return result
+
+
+class SummaryRow(NamedTuple):
+    """One row of `stopgrad_lr.summary`."""
+
+    layer: str
+    type: str
+    trainable_params: int
+    is_cut: bool
+    multipliers: tuple[float, ...]
+
+    @property
+    def multiplier(self) -> float:
+        """The single multiplier, `nan` when paths disagree (see `multipliers`)."""
+        return _multiplier(frozenset(self.multipliers))
+
+
+def summary(
+    model: keras.Model, print_fn: Callable[[str], None] | None = print
+) -> list[SummaryRow]:
+    """Prints each layer with its cut status and effective multiplier.
+
+    Like `model.summary()`, one line per layer (nested models expanded):
+    type, number of trainable parameters, whether the layer is a cut (a scale
+    after it gives everything upstream a clean multiplier), and the product
+    of the gradient scales between its output and the model's outputs, or
+    every distinct product when paths disagree.
+
+    Args:
+        model: A built functional or Sequential model.
+        print_fn: Called with each line; `None` prints nothing.
+
+    Returns:
+        The rows, as `SummaryRow` tuples, in topological order.
+
+    Raises:
+        ValueError: If `model` is not a built functional or Sequential model.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> inputs = keras.Input((4,))
+        >>> hidden = keras.layers.Dense(8, name="body")(inputs)
+        >>> hidden = stopgrad_lr.GradientScale(0.1, name="scale")(hidden)
+        >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+        >>> rows = stopgrad_lr.summary(model)
+        Layer  Type           Trainable params  Cut  Multiplier
+        body   Dense                        40  yes         0.1
+        scale  GradientScale                 0    -           1
+        head   Dense                        18  yes           1
+        Total trainable params: 58
+        >>> rows[0].multiplier
+        0.1
+    """
+    check_model(model, "summarise")
+    graph = Graph(model)
+    sets = _layer_multiplier_sets(graph)
+    cuts = cut_layers(graph)
+    rows: list[SummaryRow] = []
+    seen: set[int] = set()
+    for index in graph.order:
+        node = graph.nodes[index]
+        key = id(node.layer)
+        if key in seen:
+            continue
+        seen.add(key)
+        weights = getattr(node.layer, "trainable_weights", [])
+        rows.append(
+            SummaryRow(
+                node.path,
+                type(node.layer).__name__,
+                sum(math.prod(w.shape) for w in weights),
+                key in cuts and cuts[key] is None and node.scale is None,
+                tuple(sorted(sets[key])),
+            )
+        )
+    if print_fn is not None:
+        for line in _format_rows(rows, graph, cuts):
+            print_fn(line)
+    return rows
+
+
+def _format_rows(
+    rows: list[SummaryRow], graph: Graph, cuts: dict[int, Any]
+) -> list[str]:
+    layers = {node.path: node for node in graph.nodes}
+    table = [("Layer", "Type", "Trainable params", "Cut", "Multiplier")]
+    for row in rows:
+        node = layers[row.layer]
+        if node.scale is not None or id(node.layer) not in cuts:
+            cut = "-"  # a scale layer itself, or no weights upstream
+        else:
+            cut = "yes" if row.is_cut else "no"
+        values = ", ".join(f"{v:g}" for v in row.multipliers) or "none"
+        table.append(
+            (
+                row.layer,
+                row.type,
+                str(row.trainable_params),
+                cut,
+                values if len(row.multipliers) < 2 else f"mixed: {values}",
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(5)]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < 2 or i == 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
+    total = sum(row.trainable_params for row in rows)
+    return [*lines, f"Total trainable params: {total}"]

@@ -1,0 +1,80 @@
+"""Selecting layers by name: glob strings, compiled regexes and nested paths.
+
+A `str` pattern is a glob matched with `fnmatch.fnmatchcase`; a compiled
+`re.Pattern` must `fullmatch`. A layer inside a nested model can be named by
+its own name or by its path `"outer/inner"`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any, Union
+
+import keras
+
+Pattern = Union[str, "re.Pattern[str]"]
+
+
+def validate_pattern(pattern: Any, argument: str = "pattern") -> Pattern:
+    if isinstance(pattern, str | re.Pattern):
+        return pattern
+    raise ValueError(
+        f"Invalid value received for argument `{argument}`. Expected a glob "
+        f"string such as 'conv2_*' or a compiled regex such as "
+        f"re.compile(r'conv\\d_block\\d_out'). Received: {argument}={pattern!r} "
+        f"of type {type(pattern).__name__}"
+    )
+
+
+def describe(pattern: Pattern) -> str:
+    """The pattern as a user wrote it, for messages."""
+    if isinstance(pattern, re.Pattern):
+        return f"re.compile({pattern.pattern!r})"
+    return repr(pattern)
+
+
+def matches(pattern: Pattern, *names: str) -> bool:
+    """Whether `pattern` matches any of `names` (a layer's name or path)."""
+    if isinstance(pattern, re.Pattern):
+        return any(pattern.fullmatch(name) for name in names)
+    return any(fnmatch.fnmatchcase(name, pattern) for name in names)
+
+
+def iter_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yields `(path, layer)` for every layer, depth first, nested models too.
+
+    A nested model yields itself and then its own layers, whose paths are
+    `"outer/inner"`.
+    """
+    for layer in model.layers:
+        path = f"{prefix}{layer.name}"
+        yield path, layer
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer, prefix=f"{path}/")
+
+
+def closest_names(pattern: Pattern, names: Iterable[str], count: int = 5) -> list[str]:
+    """The layer names that look most like `pattern`, for 'did you mean'."""
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    # Compare with the literal part of the pattern: 'conv9_*' -> 'conv9_'.
+    literal = re.sub(r"[*?\[\]\\^$+(){}|.]", "", text)
+    return difflib.get_close_matches(literal, list(names), n=count, cutoff=0.3)
+
+
+def no_match_error(pattern: Pattern, names: Iterable[str], what: str = "layer") -> str:
+    """A message for a pattern that matched nothing, with the nearest names."""
+    names = list(names)
+    nearest = closest_names(pattern, names)
+    hint = (
+        f"The closest {what} names are {nearest}."
+        if nearest
+        else f"The model's {what} names start with {names[:5]}."
+    )
+    return (
+        f"Pattern {describe(pattern)} matched no {what}. A string is a glob "
+        f"matched against the whole name (use '*' for any run of characters); "
+        f"a compiled regex must match the whole name. {hint}"
+    )
