@@ -23,8 +23,10 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e ".[dev,docs,examples,backends]"
 	touch $@
 
+# Writes build/demo/finetune_digits.png; TF_CPP_MIN_LOG_LEVEL=3 hides
+# TensorFlow's C++ start-up log.
 demo: $(VENV)/.demo-installed
-	$(BIN)/python examples/quickstart.py
+	TF_CPP_MIN_LOG_LEVEL=3 KERAS_BACKEND=tensorflow $(BIN)/python examples/finetune_digits.py
 
 test: lint typecheck pytest docs
 

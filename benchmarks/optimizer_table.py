@@ -28,6 +28,7 @@ import dataclasses
 import inspect
 import math
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ import numpy as np
 from _report import REPOSITORY, machine_description, today, write_atomically
 
 import stopgrad_lr
+from stopgrad_lr._graph import Graph
+from stopgrad_lr._optimizers import OptimizerMismatchWarning, recommend, update_kind
+from stopgrad_lr._reparam import LINEAR, SCALE_INVARIANT, reparametrize
 
 MULTIPLIER = 0.1
 STEPS = 50
@@ -117,6 +121,14 @@ def build_mlp(
     return model
 
 
+def weights_by_path(model: keras.Model) -> Weights:
+    """The model's trainable weights as NumPy arrays, keyed by variable path."""
+    return {
+        variable.path: np.array(keras.ops.convert_to_numpy(variable))
+        for variable in model.trainable_variables
+    }
+
+
 def train(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> Weights:
     """STEPS steps of mean-squared-error training, in a fixed batch order.
 
@@ -128,11 +140,11 @@ def train(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> Weights:
     # optimizer while tracing its train step, and there ScheduleFreeAdamW
     # (Keras 3.15) starts its iterate from zeros instead of the weights.
     optimizer.build(model.trainable_variables)
-    model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
-    return {
-        variable.path: np.array(keras.ops.convert_to_numpy(variable))
-        for variable in model.trainable_variables
-    }
+    with warnings.catch_warnings():
+        # The table measures the mismatches that this warning reports.
+        warnings.simplefilter("ignore", OptimizerMismatchWarning)
+        model.fit(x, y, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=0)
+    return weights_by_path(model)
 
 
 def gradient_scale_mechanism(
@@ -141,6 +153,37 @@ def gradient_scale_mechanism(
     """`stopgrad_lr.GradientScale(m)` after block1, one optimizer for all."""
     model = model_builder(stopgrad_lr.GradientScale(m))
     return train(model, optimizer_factory(1.0))
+
+
+def reparametrized(model: keras.Model, m: float, update_rule: str) -> keras.Model:
+    """The model with BLOCK reparametrised for multiplier `m`: `c = m` for
+    `update_rule="scale_invariant"`, `c = sqrt(m)` for `"linear"`."""
+    graph = Graph(model)
+    block = model.get_layer(BLOCK)
+    targets = {id(layer): 1.0 for layer in model.layers if layer.trainable_weights}
+    targets[id(block)] = m
+    return reparametrize(model, graph, targets, update_rule, False, copy=False)
+
+
+def _reparametrize_mechanism(update_rule: str) -> Mechanism:
+    def mechanism(
+        model_builder: ModelBuilder, optimizer_factory: OptimizerFactory, m: float
+    ) -> Weights:
+        model = reparametrized(model_builder(None), m, update_rule)
+        train(model, optimizer_factory(1.0))
+        # The true weights, c times the stored ones of block1.
+        return weights_by_path(stopgrad_lr.strip_gradient_scales(model))
+
+    mechanism.__doc__ = (
+        f"block1 stores its weights divided by c = "
+        f"{'m' if update_rule == SCALE_INVARIANT else 'sqrt(m)'} and is followed "
+        f"by `ParameterScale(c)`; one optimizer for all."
+    )
+    return mechanism
+
+
+reparametrize_m_mechanism = _reparametrize_mechanism(SCALE_INVARIANT)
+reparametrize_sqrt_m_mechanism = _reparametrize_mechanism(LINEAR)
 
 
 def lr_multiplier_reference(
@@ -171,7 +214,11 @@ def lr_multiplier_reference(
     return train(model_builder(None), optimizer)
 
 
-MECHANISMS: dict[str, Mechanism] = {"gradient_scale": gradient_scale_mechanism}
+MECHANISMS: dict[str, Mechanism] = {
+    "gradient_scale": gradient_scale_mechanism,
+    "reparametrize_m": reparametrize_m_mechanism,
+    "reparametrize_sqrt_m": reparametrize_sqrt_m_mechanism,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +315,26 @@ def optimizer_cases() -> list[Case]:
         Case("SGD(clipvalue=0.01)", sgd, sgd_lr, {"clipvalue": 0.01}),
         Case("SGD(global_clipnorm=0.1)", sgd, sgd_lr, {"global_clipnorm": 0.1}),
         Case("SGD + L2(0.01) on block1's kernel", sgd, sgd_lr, block1_l2=0.01),
+        # Decoupled weight decay is on by default in these two.
+        Case(
+            "AdamW(weight_decay=0)",
+            keras.optimizers.AdamW,
+            LEARNING_RATES["AdamW"],
+            {"weight_decay": 0.0},
+        ),
+        Case(
+            "Muon(weight_decay=0)",
+            keras.optimizers.Muon,
+            LEARNING_RATES["Muon"],
+            {"weight_decay": 0.0},
+        ),
+        # Keras's RMSprop adds epsilon under the square root.
+        Case(
+            "RMSprop(epsilon=1e-12)",
+            keras.optimizers.RMSprop,
+            LEARNING_RATES["RMSprop"],
+            {"epsilon": 1e-12},
+        ),
     ]
     return cases
 
@@ -392,41 +459,114 @@ def measure(
     return Row(case, float(move), mean_squared_error(reference), comparisons)
 
 
-def _row_cells(row: Row, mechanisms: Sequence[str]) -> list[str]:
-    cells = [
-        f"`{row.case.label}`",
-        f"{row.case.learning_rate:g}",
-        f"{row.reference_move:.3g}",
-        f"{row.reference_loss:.3f}",
+# How the page names each mechanism and the mechanisms stopgrad_lr recommends.
+TITLES = {
+    "gradient_scale": "gradient scale",
+    "reparametrize_m": "reparametrize, c = m",
+    "reparametrize_sqrt_m": "reparametrize, c = √m",
+}
+# A recommended reparametrisation must be this close to the reference
+# (|ratio - 1|, Δ block1 and Δ others): the epsilon of a normalising
+# optimizer acts as epsilon / c on the reparametrised layer.
+RECOMMENDED_TOLERANCE = 0.02
+
+
+def recommendation(case: Case) -> str:
+    """What stopgrad_lr recommends for the row (`mechanism="auto"` of
+    `apply_lr_multipliers`): a key of TITLES, or "multi_optimizer"."""
+    optimizer = case.optimizer_factory()
+    chosen = recommend(optimizer, regularized=case.block1_l2 > 0)
+    if chosen == "reparametrize":
+        kind, _ = update_kind(optimizer)
+        return "reparametrize_m" if kind == SCALE_INVARIANT else "reparametrize_sqrt_m"
+    return chosen
+
+
+def within(comparison: Comparison, tolerance: float) -> bool:
+    return (
+        max(
+            abs(comparison.update_ratio - 1.0),
+            comparison.block_difference,
+            comparison.other_difference,
+        )
+        <= tolerance
+    )
+
+
+def contradiction(row: Row) -> str | None:
+    """Why the row's measurement contradicts the recommendation, or None.
+
+    A recommended gradient scale must be exact, a recommended
+    reparametrisation within RECOMMENDED_TOLERANCE; where stopgrad_lr
+    recommends `multi_optimizer`, no mechanism may be exact.
+    """
+    chosen = recommendation(row.case)
+    if chosen == "multi_optimizer":
+        exact = [n for n, c in row.comparisons.items() if c.verdict == "exact"]
+        return f"{', '.join(exact)} measured exact" if exact else None
+    comparison = row.comparisons.get(chosen)
+    if comparison is None:
+        return None
+    if chosen == "gradient_scale" and comparison.verdict != "exact":
+        return "the gradient scale is not exact"
+    if not within(comparison, RECOMMENDED_TOLERANCE):
+        return f"not within {RECOMMENDED_TOLERANCE:.0%} of the reference"
+    return None
+
+
+def _use_cell(row: Row) -> str:
+    chosen = recommendation(row.case)
+    cell = f"`{chosen}`" if chosen not in TITLES else f"**{TITLES[chosen]}**"
+    problem = contradiction(row)
+    return cell if problem is None else f"{cell} ⚠ {problem}"
+
+
+def render_guide(rows: Sequence[Row]) -> str:
+    """The lead table: the mechanism to use per row, and each verdict."""
+    mechanisms = list(rows[0].comparisons)
+    header = ["optimizer", "use", *(TITLES.get(n, n) for n in mechanisms)]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * len(mechanisms)) + "|",
     ]
-    for name in mechanisms:
-        comparison = row.comparisons[name]
-        cells += [
+    for row in rows:
+        cells = [f"`{row.case.label}`", _use_cell(row)]
+        for name in mechanisms:
+            comparison = row.comparisons[name]
+            cells.append(f"**{comparison.verdict}** {comparison.update_ratio:.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_table(rows: Sequence[Row], mechanism: str) -> str:
+    """One mechanism's measurements as a Markdown table."""
+    header = [
+        "optimizer",
+        "lr",
+        "block1 moved",
+        "reference loss",
+        "ratio",
+        "Δ block1",
+        "Δ others",
+        "verdict",
+    ]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for row in rows:
+        comparison = row.comparisons[mechanism]
+        cells = [
+            f"`{row.case.label}`",
+            f"{row.case.learning_rate:g}",
+            f"{row.reference_move:.3g}",
+            f"{row.reference_loss:.3f}",
             f"{comparison.update_ratio:.6f}",
             f"{comparison.block_difference:.1e}",
             f"{comparison.other_difference:.1e}",
             f"**{comparison.verdict}**",
         ]
-    return cells
-
-
-def render_table(rows: Sequence[Row]) -> str:
-    """The results as a Markdown table, one group of columns per mechanism."""
-    mechanisms = list(rows[0].comparisons)
-    header = ["optimizer", "lr", "block1 moved", "reference loss"]
-    for name in mechanisms:
-        prefix = f"{name}: " if len(mechanisms) > 1 else ""
-        header += [
-            f"{prefix}ratio",
-            f"{prefix}Δ block1",
-            f"{prefix}Δ others",
-            f"{prefix}verdict",
-        ]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
-    lines += ["| " + " | ".join(_row_cells(row, mechanisms)) + " |" for row in rows]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -448,17 +588,33 @@ def render_page(rows: Sequence[Row], machine: str, date: str) -> str:
     """The whole `docs/optimizers.md` page."""
     initial_loss = mean_squared_error(initial_weights())
     exact = f"{EXACT_TOLERANCE:.0e}".replace("e-0", "e-")
+    details = "\n\n".join(
+        f"### {TITLES.get(name, name)}\n\n{render_table(rows, name)}"
+        for name in rows[0].comparisons
+    )
     return f"""# Optimizers
 
 <!-- Generated by benchmarks/optimizer_table.py. Do not edit: rerun it. -->
 
-A `GradientScale(m)` multiplies by `m` the gradient of everything upstream of
-it. That multiplies the *learning rate* of those layers by `m` only if the
-optimizer's update is proportional to the gradient. This page measures, for
-every optimizer in `keras.optimizers`, how close the gradient scale comes to
-really giving a block the learning rate `lr * m`.
+stopgrad_lr has two ways to give a layer the learning-rate multiplier `m`,
+and which one works depends on the optimizer:
 
-Measured on {date} on {machine}.
+- a **gradient scale** (`GradientScale(m)` after a block) multiplies the
+  gradient of everything upstream of it by `m`. That is a learning-rate
+  multiplier only when the optimizer's update is proportional to the
+  gradient: SGD.
+- a **reparametrisation** stores a layer's weights divided by `c` and
+  multiplies its output by `c` (`ParameterScale(c)`), so the optimizer sees
+  the weights' gradient multiplied by `c`. An optimizer that normalises the
+  gradient (Adam, Lion, Muon...) then moves the true weights `c` times as
+  far: `c = m`. SGD moves them `c²` times as far: `c = √m`.
+
+Where neither works, `stopgrad_lr.multi_optimizer(model, multipliers,
+optimizer)` builds a `keras.optimizers.MultiOptimizer` that gives each group
+its own copy of the optimizer, with the learning rate multiplied.
+
+This page measures every optimizer in `keras.optimizers` against that
+reference. Measured on {date} on {machine}.
 
 Regenerate the page (it is written whole by the script) from the repository
 root with:
@@ -467,14 +623,46 @@ root with:
 {COMMAND}
 ```
 
-## Results
+## Which mechanism to use
 
-`m = {MULTIPLIER}` on `block1`, {STEPS} steps. Column definitions are below
-the table.
+`stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=optimizer)`
+picks the mechanism of the **use** column (`mechanism="auto"`), and raises
+where it says `multi_optimizer`; `stopgrad_lr.check_optimizer(optimizer,
+model)` and the warning that `model.fit` issues for a model with stopgrad_lr
+layers read the same table (`stopgrad_lr/_optimizers.py`). The other columns
+are the measured verdicts with the ratio of how far `block1` moved to how far
+it moved with the learning rate `lr * m` (1 is right, `1/m` =
+{1 / MULTIPLIER:g} means the multiplier was cancelled). A recommended gradient
+scale must measure exact, a recommended reparametrisation within
+{RECOMMENDED_TOLERANCE:.0%}, and where the table says `multi_optimizer` no
+mechanism may measure exact; a ⚠ marks a row where the measurement disagrees.
 
-{render_table(rows)}
+{render_guide(rows)}
+
+## Results per mechanism
+
+`m = {MULTIPLIER}` on `block1`, {STEPS} steps. Column definitions are below.
+
+{details}
 
 {render_summary(rows)}
+
+## Reparametrisation: epsilon and the forward pass
+
+A reparametrised layer sees its gradient multiplied by `c`, while the
+optimizer's epsilon stays the same: for that layer Adam behaves as if its
+epsilon were `epsilon / c`. That is why stopgrad_lr treats an optimizer
+whose epsilon is above 1e-6 in gradient units as neither SGD-like nor
+Adam-like: `Adam(epsilon=1.0)` above, and Keras's `RMSprop`, which adds its
+epsilon under the square root (`sqrt(v + epsilon)`), so that the default
+1e-7 counts as 3e-4 (`RMSprop(epsilon=1e-12)` is Adam-like again). The
+effect grows as `m` and the gradients shrink. Dividing the weights by `c`
+and multiplying the output by `c` is exact when `c` is a power of two
+(`round_to_power_of_two=True`); otherwise the forward pass and folding the
+scales back into the weights (`stopgrad_lr.strip_gradient_scales`) round.
+Measured by `benchmarks/reparametrization_accuracy.py`:
+
+--8<-- "reparametrization.md"
 
 ## What is measured
 
@@ -486,10 +674,14 @@ the table.
   (NumPy seed {SEED}), `y = tanh(x A) + 0.1 noise`, seen once in a fixed order
   as {STEPS} batches of {BATCH_SIZE}: {STEPS} training steps of mean squared
   error with `model.fit`. The loss before training is {initial_loss:.3f}.
-- **Mechanism** (`gradient_scale`): `stopgrad_lr.GradientScale({MULTIPLIER})`
-  inserted after `block1`, one optimizer for the whole model at the row's
-  learning rate `lr`.
-- **Reference**: the same model without the scale layer, trained with
+- **gradient scale**: `stopgrad_lr.GradientScale({MULTIPLIER})` inserted after
+  `block1`, one optimizer for the whole model at the row's learning rate `lr`.
+- **reparametrize, c = m** and **c = √m**: `block1` stores its weights
+  divided by `c` and is followed by `ParameterScale(c)` (relu commutes with a
+  positive scale, so the activation stays inside `block1`), one optimizer for
+  the whole model at `lr`. The weights compared are the true ones, folded
+  back with `stopgrad_lr.strip_gradient_scales`.
+- **Reference**: the same model without any stopgrad_lr layer, trained with
   `keras.optimizers.MultiOptimizer`: `block1`'s variables by an optimizer with
   learning rate `lr * {MULTIPLIER}`, the rest by one with `lr`, all other
   settings equal. A `LossScaleOptimizer` row wraps that `MultiOptimizer` in a
@@ -497,7 +689,7 @@ the table.
   sub-optimizer of a `MultiOptimizer` clips, decays and normalises its own
   variables only, so for `global_clipnorm` the reference clips `block1` and
   the rest by their own norms.
-- Both runs build their optimizer right after `compile`, not inside `fit`:
+- All runs build their optimizer right after `compile`, not inside `fit`:
   on TensorFlow, Keras 3.15's `ScheduleFreeAdamW` built inside `fit` starts
   from zeros instead of the initial weights.
 
@@ -508,7 +700,7 @@ run and `W_ref` those of the reference run, all compared in float64:
 
 - **ratio** = `‖W_mech - W0‖ / ‖W_ref - W0‖` for `block1`'s kernel
   (Frobenius norms). 1 means `block1` moved as far as with the learning rate
-  `lr * m`; `1/m` = {1 / MULTIPLIER:g} means the scale was cancelled.
+  `lr * m`; `1/m` = {1 / MULTIPLIER:g} means the multiplier was cancelled.
 - **Δ block1** = the largest, over `block1`'s kernel and bias, of
   `max|W_mech - W_ref| / max|W_ref - W0|`: the weight difference relative to
   the reference's update of that variable.
@@ -526,33 +718,42 @@ run and `W_ref` those of the reference run, all compared in float64:
 
 - **SGD, with or without momentum or Nesterov, and under a
   `LossScaleOptimizer`**: the update is linear in the gradient, so scaling
-  the gradient by `m` is scaling the learning rate by `m`. What remains is
-  float32 rounding.
-- **Adaptive optimizers** divide the gradient by a running estimate of its
-  own size (Adam, AdamW, Adamax, Nadam, RMSprop, Adadelta, Adafactor, Lamb),
-  keep only its sign (Lion) or orthogonalise it (Muon). Multiplying the
-  gradient by `m` then changes almost nothing, and the ratio is near `1/m`:
-  use `keras.optimizers.MultiOptimizer` to give a block its own learning rate
-  with these.
-- **`Adam(epsilon=1.0)`**: an epsilon much larger than `sqrt(v)` turns Adam
-  into momentum SGD, and the scale works again, up to the part of the
-  denominator that `sqrt(v)` still contributes.
+  the gradient by `m` is scaling the learning rate by `m`: the gradient scale
+  is exact, up to float32 rounding. A reparametrisation with `c = √m` is
+  exact too, up to the rounding of `c` (a gradient scale is the better tool:
+  it needs no weight rewrite and acts on whole blocks).
+- **Optimizers that normalise the gradient** divide it by a running
+  estimate of its own size (Adam, AdamW, Adamax, Nadam, RMSprop,
+  ScheduleFreeAdamW), keep only its sign (Lion) or orthogonalise it (Muon).
+  Multiplying the gradient by `m` then changes almost nothing, and the ratio
+  of the gradient scale is near `1/m`. A reparametrisation with `c = m` gives
+  them the multiplier, within the epsilon effect above; `c = √m` gives `√m`.
+- **Adadelta, Adafactor and Lamb** also scale their update by the size of
+  past updates or of the weights themselves, which a reparametrisation
+  changes by the same factor: neither mechanism moves them.
 - **Adagrad and Ftrl** divide by the square root of an accumulator that
   starts at `initial_accumulator_value` (0.1) and grows with the squared
   gradients. While the accumulator is dominated by its initial value they
   behave like SGD; as the squared gradients pile up, they cancel more and
   more of the scale. Their verdict depends on the gradient sizes and the
-  number of steps.
+  number of steps; use `multi_optimizer`.
 - **Ftrl** computes the weights from its accumulators, not from the current
   weights, so it forgets `W0` at its first step: "block1 moved" is close to
   1, and the ratio mostly measures that jump.
-- **Weight decay, gradient clipping and regularizers** do not go through the
-  scale layer. `weight_decay` shrinks `block1`'s weights by the fraction
-  `lr * decay` per step, not `lr * m * decay`. `clipnorm` and `clipvalue`
-  clip the already-scaled gradient, so for `block1` the threshold acts as if
-  divided by `m`. `global_clipnorm` sees a global norm that the scale has
-  changed. The gradient of an L2 penalty on `block1`'s kernel reaches the
-  kernel directly, unscaled.
+- **`Adam(epsilon=1.0)`**: an epsilon much larger than `sqrt(v)` turns Adam
+  into momentum SGD, and the gradient scale nearly works again, up to the
+  part of the denominator that `sqrt(v)` still contributes.
+- **Weight decay and gradient clipping** act outside both mechanisms.
+  `weight_decay` shrinks `block1`'s weights by the fraction `lr * decay` per
+  step, not `lr * m * decay` (AdamW and Muon decay by default). `clipnorm`
+  and `clipvalue` clip the already-scaled gradient, so for `block1` the
+  threshold acts as if divided by the scale. `global_clipnorm` sees a global
+  norm that the scale has changed. `multi_optimizer` applies each of them
+  per group, at the group's learning rate.
+- **An L2 regularizer** on a gradient-scaled layer adds a gradient that
+  reaches the kernel directly, unscaled. A reparametrisation rewrites the
+  regularizer to penalise the true weights (`L2(l2 * c²)` on the stored
+  ones), which makes it exact.
 """
 
 
@@ -569,12 +770,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for case in optimizer_cases():
         rows.append(measure(case))
         print(f"measured {case.label}", file=sys.stderr, flush=True)
-    write_atomically(args.output, render_page(rows, machine_description(), today()))
-    print(render_table(rows))
+    page = render_page(rows, machine_description(), today())
+    write_atomically(args.output, page)
+    print(render_guide(rows))
     print()
     print(render_summary(rows))
     print(f"\nwrote {args.output}")
-    return 0
+    problems = [
+        f"{row.case.label}: {problem}"
+        for row in rows
+        if (problem := contradiction(row)) is not None
+    ]
+    for problem in problems:
+        print(f"measurement contradicts the recommendation: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

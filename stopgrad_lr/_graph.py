@@ -19,9 +19,11 @@ import keras
 
 from stopgrad_lr._layers import SCALE_LAYERS
 
-# A multiplier is kept to 12 significant digits, so that 0.1 * 0.5 and
-# 0.5 * 0.1 reached along two paths count as one value.
-_DIGITS = 12
+# Scales are stored and applied in float32, so a multiplier (a product of
+# scales) is kept to float32 precision, 7 significant digits: 0.1 * 0.5 and
+# 0.5 * 0.1 reached along two paths count as one value, and 0.3 * (1/3 in
+# float32) reads as 0.1.
+_DIGITS = 7
 
 
 def _normalise(value: float) -> float:
@@ -81,6 +83,7 @@ class Graph:
         # Per node, the bit set of itself and its ancestors; filled by cuts().
         self.above: list[int] = []
         self._cuts: dict[int, bool] | None = None
+        self._reaches: list[bool] | None = None
 
     # Construction --------------------------------------------------------
 
@@ -216,6 +219,8 @@ class Graph:
 
     def reaches_output(self) -> list[bool]:
         """For each node, whether a float path leads from it to a model output."""
+        if self._reaches is not None:
+            return self._reaches
         reaches = [False] * len(self.nodes)
         outputs = set(self.outputs)
         for index in reversed(self.order):
@@ -223,6 +228,7 @@ class Graph:
             reaches[index] = any(t in outputs for t in node.outputs) or any(
                 reaches[c.index] for c in self.consumers(node)
             )
+        self._reaches = reaches
         return reaches
 
     def multiplier_sets(self) -> dict[int, frozenset[float]]:
@@ -320,14 +326,15 @@ class Graph:
                     return source, consumer
             if any(t in outputs for t in source.outputs):
                 return source, _OUTPUT
-            for other in self.nodes:
-                if (
-                    other.layer is source.layer
-                    and other.index != index
-                    and reaches[other.index]
-                    and not region >> other.index & 1
-                ):
-                    return source, other
+            if source.trainable:
+                for other in self.nodes:
+                    if (
+                        other.layer is source.layer
+                        and other.index != index
+                        and reaches[other.index]
+                        and not region >> other.index & 1
+                    ):
+                        return source, other
         raise RuntimeError(f"no bypass found for {node.path}")  # pragma: no cover
 
     def layer_paths(self) -> dict[int, str]:
@@ -492,9 +499,10 @@ def effective_multipliers(model: keras.Model) -> dict[str, float]:
     return result
 
 
-def cut_layers(graph: Graph) -> dict[int, str | None]:
+def cut_layers(graph: Graph) -> dict[int, Node | None]:
     """Per layer object with weights upstream: None if a scale after each of
-    its calls gives a clean multiplier, else why not, as a bypassing edge.
+    its calls gives a clean multiplier, else the call that does not
+    (`explain_bypass` says why; it is not computed here, to stay linear).
 
     A shared layer is a cut when each call is, and no call feeds another
     (then its own weights would get the scale once along one call and twice
@@ -503,25 +511,39 @@ def cut_layers(graph: Graph) -> dict[int, str | None]:
     cuts = graph.cuts()
     sites: dict[int, list[Node]] = {}
     for index in graph.order:
-        node = graph.nodes[index]
         if index in cuts:
+            node = graph.nodes[index]
             sites.setdefault(id(node.layer), []).append(node)
-    per_layer: dict[int, str | None] = {}
+    per_layer: dict[int, Node | None] = {}
     for key, nodes in sites.items():
-        per_layer[key] = None
-        for node in nodes:
-            if not cuts[node.index]:
-                source, destination = graph.bypass(node)
-                per_layer[key] = f"{source.path} -> {destination.path}"
-                break
-            later = [n for n in nodes if graph.above[n.index] >> node.index & 1]
-            if len(later) > 1:
-                per_layer[key] = (
-                    f"{node.path} -> {node.path} (its output feeds another call of "
-                    f"the same layer)"
-                )
-                break
+        per_layer[key] = next(
+            (
+                node
+                for node in nodes
+                if not cuts[node.index] or _feeds_itself(graph, node, nodes)
+            ),
+            None,
+        )
     return per_layer
+
+
+def _feeds_itself(graph: Graph, node: Node, calls: list[Node]) -> bool:
+    """Whether another call of the same layer lies downstream of `node`."""
+    return any(
+        other is not node and graph.above[other.index] >> node.index & 1
+        for other in calls
+    )
+
+
+def explain_bypass(graph: Graph, node: Node) -> str:
+    """Why a scale after `node` (a non-cut from `cut_layers`) is bypassed."""
+    if graph.cuts()[node.index]:
+        return (
+            f"{node.path} -> {node.path} (its output feeds another call of the "
+            f"same layer)"
+        )
+    source, destination = graph.bypass(node)
+    return f"{source.path} -> {destination.path}"
 
 
 def gradient_cuts(model: keras.Model) -> list[str]:
@@ -633,7 +655,10 @@ def summary(
         if key in seen:
             continue
         seen.add(key)
-        weights = getattr(node.layer, "trainable_weights", [])
+        # A nested model's container row would repeat its layers' weights.
+        weights = (
+            [] if isinstance(node.layer, keras.Model) else node.layer.trainable_weights
+        )
         rows.append(
             SummaryRow(
                 node.path,

@@ -31,6 +31,13 @@ class GradientScale(keras.layers.Layer):
     `self.model` (which syncs that state first), as in
     `self.model.get_layer("boundary").scale = 0.5`.
 
+    The scale is a learning-rate multiplier only for optimizers whose update
+    is linear in the gradient (SGD, momentum, Nesterov). The first training
+    step of `fit` checks the model's optimizer and issues one
+    `stopgrad_lr.OptimizerMismatchWarning` if it cancels or bypasses the
+    scales (Adam, weight decay, clipping...; see
+    `stopgrad_lr.check_optimizer`).
+
     Args:
         scale: The gradient multiplier, a finite float. Defaults to 1.0.
         method: `"custom_gradient"` (default) or `"stop_gradient"`; see
@@ -42,6 +49,7 @@ class GradientScale(keras.layers.Layer):
     Call arguments:
         inputs: A tensor of any rank and dtype. Non-floating tensors pass
             through without a gradient.
+        training: Whether the call is a training step.
 
     Returns:
         The input, unchanged.
@@ -81,6 +89,7 @@ class GradientScale(keras.layers.Layer):
             autocast=False,
             name="scale",
         )
+        self._last_set = scale
         self._build_at_init()
 
     @property
@@ -90,20 +99,33 @@ class GradientScale(keras.layers.Layer):
         The value is stored in float32; this returns the shortest decimal
         that identifies it (so a scale set to 0.1 reads back as 0.1).
         """
-        stored = np.float32(keras.ops.convert_to_numpy(self._scale))
-        return float(str(stored))
+        try:
+            value = keras.ops.convert_to_numpy(self._scale)
+        except TypeError:
+            # On JAX, `fit` moves the values of the model's variables into
+            # its training state for an epoch, and an emptied variable fails
+            # to read. The scale is then the one last set here.
+            value = self._last_set
+        return float(str(np.float32(value)))
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self._scale.assign(validate_scale(value))
+        value = validate_scale(value)
+        self._scale.assign(value)
+        self._last_set = value
 
-    def call(self, inputs: Any) -> Any:
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        if training:
+            # Imported here: _optimizers imports this module.
+            from stopgrad_lr._optimizers import check_training_optimizer
+
+            check_training_optimizer()
         return scale_gradient(inputs, self._scale, method=self.method)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
-    def compute_output_spec(self, inputs: Any) -> Any:
+    def compute_output_spec(self, inputs: Any, training: bool | None = None) -> Any:
         return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self) -> dict[str, Any]:

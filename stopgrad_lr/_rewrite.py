@@ -9,10 +9,9 @@ gives it weights of its own.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -23,15 +22,25 @@ from stopgrad_lr._graph import (
     check_model,
     cut_layers,
     effective_multipliers,
+    explain_bypass,
 )
 from stopgrad_lr._layers import SCALE_LAYERS, GradientScale, GradientStop
 from stopgrad_lr._ops import validate_method, validate_scale
-from stopgrad_lr._patterns import (
-    Pattern,
-    describe,
-    matches,
-    no_match_error,
-    validate_pattern,
+from stopgrad_lr._optimizers import choose_mechanism, warn_if_mismatched
+from stopgrad_lr._patterns import Pattern, validate_pattern
+from stopgrad_lr._reparam import (
+    ParameterScale,
+    baked_layers,
+    reparametrize,
+    unsupported_layers,
+)
+from stopgrad_lr._surgery import (
+    Rebuild,
+    candidates,
+    finish,
+    match,
+    strategy_scope,
+    unique_name,
 )
 
 ON_BYPASS = ("error", "warn", "ignore")
@@ -124,34 +133,76 @@ def apply_lr_multipliers(
     model: keras.Model,
     multipliers: Mapping[Pattern, float],
     *,
+    optimizer: keras.optimizers.Optimizer | None = None,
+    mechanism: str = "auto",
     method: str = "custom_gradient",
     copy: bool = False,
     stop_at_zero: bool = True,
+    round_to_power_of_two: bool = False,
 ) -> keras.Model:
     """Returns a new model in which each group of layers gets its multiplier.
 
-    You state the effective learning-rate multiplier you want per group
+    You state the learning-rate multiplier you want per group
     (`{"conv1_*": 0.01, "conv2_*": 0.1}`); layers matched by no pattern get
-    1.0. The function finds the cuts between the groups, inserts gradient
-    scales with the right ratios there (scales compound, so the scale at a
-    boundary is the ratio of the multipliers on either side), and checks the
-    result with `stopgrad_lr.effective_multipliers`. A boundary is placed at
-    the last cut before the next group, typically a block's output.
+    1.0. Two mechanisms deliver it, and which one works depends on the
+    optimizer (`docs/optimizers.md` measures every stock optimizer):
 
-    The multipliers are learning-rate multipliers for SGD-like optimizers
-    (plain, momentum, Nesterov); adaptive optimizers such as Adam cancel a
-    gradient scale. See the optimizers page of the docs.
+    - `"gradient_scale"`: gradient scales at the cuts between the groups,
+      with the right ratios (scales compound, so the scale at a boundary is
+      the ratio of the multipliers on either side), checked with
+      `stopgrad_lr.effective_multipliers`. A boundary is placed at the last
+      cut before the next group, typically a block's output. Outputs are
+      bit-identical. A learning-rate multiplier only for optimizers whose
+      update is linear in the gradient: SGD, with momentum or Nesterov, also
+      in a `LossScaleOptimizer`. Adam-like optimizers cancel it.
+    - `"reparametrize"`: each layer with multiplier `m` stores its parameters
+      divided by `c` and is followed by a `ParameterScale(c)`; `c = m` for
+      optimizers that normalise the gradient (Adam, AdamW, Adamax, Nadam,
+      RMSprop, Lion, Muon, ScheduleFreeAdamW) and `c = sqrt(m)` for SGD. It
+      acts per layer, so it needs no cut and works inside residual blocks.
+      A non-linear activation inside the layer moves to an `Activation`
+      layer after the scale (relu, leaky_relu and linear commute with a
+      positive scale and stay). L1/L2 regularizers are rewritten to penalise
+      the true weights. A multiplier of 0 freezes a copy of the layer
+      (`trainable=False`; a BatchNormalization then also runs in inference
+      mode). Outputs are bit-identical when every `c` is a power of two
+      (`round_to_power_of_two=True`); otherwise they differ by rounding
+      (about one float32 ulp, see `docs/optimizers.md`).
+    - `"auto"` (default): with `optimizer=None`, `"gradient_scale"`. With an
+      optimizer, the mechanism that is a learning-rate multiplier for it:
+      `"gradient_scale"` for SGD-like optimizers (`"reparametrize"` if a
+      layer with a multiplier has a weight regularizer, whose gradient a
+      scale would miss), `"reparametrize"` for Adam-like ones. Where neither
+      works (Adafactor, Lamb, Adagrad, Adadelta, Ftrl; weight decay or
+      gradient clipping, which act outside both) it raises, pointing to
+      `stopgrad_lr.multi_optimizer`.
+
+    With an explicit mechanism and an optimizer that it does not suit, the
+    model is built and one `OptimizerMismatchWarning` says what is wrong (see
+    `stopgrad_lr.check_optimizer`); `model.fit` checks again for a
+    different optimizer.
 
     Args:
         model: A built functional or Sequential model, possibly nested.
         multipliers: Maps a pattern (as in `insert_gradient_scales`) to a
             multiplier, a finite float >= 0. Only layers with trainable
             weights take part.
-        method: `"custom_gradient"` or `"stop_gradient"`.
-        copy: `True` gives the new model copies of the weights.
-        stop_at_zero: Where a boundary needs a scale of 0 (a group with
-            multiplier 0 below a group with a nonzero one), insert a
-            `GradientStop` (default) or, with `False`, `GradientScale(0.0)`.
+        optimizer: The optimizer you will train with, or `None`.
+        mechanism: `"auto"`, `"gradient_scale"` or `"reparametrize"` (which
+            needs `optimizer`).
+        method: Gradient scales only: `"custom_gradient"` or
+            `"stop_gradient"`.
+        copy: `True` gives the new model copies of all the weights. A
+            reparametrised or frozen layer is always a new layer with weights
+            of its own; with `False` the other layers are shared with `model`.
+        stop_at_zero: Gradient scales only: where a boundary needs a scale of
+            0 (a group with multiplier 0 below a group with a nonzero one),
+            insert a `GradientStop` (default) or, with `False`,
+            `GradientScale(0.0)`.
+        round_to_power_of_two: Reparametrisation only: round each `c` to the
+            nearest power of two, which makes the forward pass bit-exact and
+            changes the multiplier to `c` (Adam-like) or `c**2` (SGD), for
+            example 0.1 to 0.125.
 
     Returns:
         A new `keras.Model`.
@@ -159,9 +210,13 @@ def apply_lr_multipliers(
     Raises:
         ValueError: If a pattern matches no layer with trainable weights; a
             layer is matched by two patterns with different multipliers; a
-            multiplier is negative or not finite; or no cut separates two
-            layers with different multipliers (the message names both and a
-            path that bypasses the boundary).
+            multiplier is negative or not finite; `mechanism` or `optimizer`
+            is invalid; with gradient scales, no cut separates two layers with
+            different multipliers (the message names both and a path that
+            bypasses the boundary); with reparametrisation, a layer is not
+            linear in its parameters (such as an LSTM) or the optimizer is
+            neither SGD-like nor Adam-like; or with `"auto"`, no mechanism
+            suits the optimizer.
 
     Examples:
         >>> import keras, stopgrad_lr
@@ -174,14 +229,43 @@ def apply_lr_multipliers(
         ... )
         >>> stopgrad_lr.effective_multipliers(tuned)
         {'conv1': 0.01, 'conv2': 0.1, 'head': 1.0}
+        >>> for_adam = stopgrad_lr.apply_lr_multipliers(
+        ...     model, {"conv1": 0.125}, optimizer=keras.optimizers.Adam()
+        ... )
+        >>> [type(layer).__name__ for layer in for_adam.layers]
+        ['InputLayer', 'Dense', 'ParameterScale', 'Dense', 'Dense']
     """
     check_model(model, "rewrite")
     method = validate_method(method)
     graph = Graph(model)
     targets = _targets(graph, multipliers)
-    chosen = _boundaries_for(graph, targets)
-    new_model = _insert(model, graph, chosen, method, stop_at_zero, copy)
-    _verify(new_model, graph, targets)
+    layers = candidates(graph)
+    chosen, update_rule = choose_mechanism(
+        mechanism,
+        optimizer,
+        [layers[key].layer for key, value in targets.items() if value != 1.0],
+    )
+    if chosen == "gradient_scale":
+        try:
+            boundaries = _boundaries_for(graph, targets)
+        except ValueError:
+            # "auto" with an SGD-like optimizer: where no cut separates the
+            # groups (a layer inside a residual block), a reparametrisation
+            # still can, layer by layer.
+            if mechanism != "auto" or optimizer is None:
+                raise
+            if unsupported_layers(graph, targets):
+                raise
+            chosen = "reparametrize"
+        else:
+            new_model = _insert(model, graph, boundaries, method, stop_at_zero, copy)
+            _verify(new_model, graph, targets)
+    if chosen == "reparametrize":
+        new_model = reparametrize(
+            model, graph, targets, update_rule, round_to_power_of_two, copy
+        )
+    if optimizer is not None:
+        warn_if_mismatched(optimizer, new_model, stacklevel=2)
     return new_model
 
 
@@ -250,18 +334,27 @@ def layerwise_decay(
 def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Model:
     """Returns a new model without any of stopgrad_lr's layers.
 
-    The outputs are bit-identical, and the new model saves to a `.keras` file
-    that loads in a process that never imports stopgrad_lr (for deployment).
+    Gradient scales and stops are left out. Each `ParameterScale` of a
+    reparametrisation is folded back into the layer before it: that layer is
+    replaced by a copy holding the true weights, `c` times the stored ones
+    (and its regularizers are rewritten back). The new model saves to a
+    `.keras` file that loads in a process that never imports stopgrad_lr
+    (for deployment). The outputs are bit-identical, and so are the folded
+    weights when `c` is a power of two (otherwise `c * (W / c)` may differ
+    from `W` by one rounding, about one ulp).
 
     Args:
         model: A built functional or Sequential model, possibly nested.
-        copy: `True` gives the new model copies of the weights.
+        copy: `True` gives the new model copies of all the weights; with
+            `False` only the folded layers have weights of their own.
 
     Returns:
         A new `keras.Model`.
 
     Raises:
-        ValueError: If `model` is not a built functional or Sequential model.
+        ValueError: If `model` is not a built functional or Sequential model,
+            or a `ParameterScale` does not directly follow the one layer it
+            scales (as the reparametrisation puts it).
 
     Examples:
         >>> import keras, stopgrad_lr
@@ -273,64 +366,17 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
         ['InputLayer', 'Dense', 'Dense']
     """
     check_model(model, "rewrite")
-    with _strategy_scope(model):
-        return _finish(_Rebuild({}, drop_scales=True).model(model), model, copy)
+    graph = Graph(model)
+    with strategy_scope(model):
+        rebuild = Rebuild(
+            {},
+            replace=baked_layers(graph),
+            drop=(*SCALE_LAYERS, ParameterScale),
+        )
+        return finish(rebuild.model(model), model, copy)
 
 
 # Matching -----------------------------------------------------------------
-
-
-def _candidates(graph: Graph) -> dict[int, Node]:
-    """The layers a pattern may select: every layer object (first call
-    site), but not stopgrad_lr's own layers."""
-    candidates: dict[int, Node] = {}
-    for index in graph.order:
-        node = graph.nodes[index]
-        if not isinstance(node.layer, SCALE_LAYERS):
-            candidates.setdefault(id(node.layer), node)
-    return candidates
-
-
-def _names(node: Node) -> tuple[str, str]:
-    return node.path, node.layer.name
-
-
-def _match(
-    graph: Graph,
-    patterns: Mapping[Pattern, float],
-    argument: str,
-    validate: Callable[[Any, str], float],
-    keep: Callable[[Node], bool] = lambda node: True,
-) -> dict[int, tuple[float, Pattern]]:
-    """Layer id -> (value, pattern) for every layer a pattern selects."""
-    if not isinstance(patterns, Mapping):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a dict "
-            f"mapping layer-name patterns to floats, such as {{'conv2_*': 0.1}}. "
-            f"Received: {argument}={patterns!r}"
-        )
-    candidates = {key: node for key, node in _candidates(graph).items() if keep(node)}
-    chosen: dict[int, tuple[float, Pattern]] = {}
-    for pattern, raw_value in patterns.items():
-        pattern = validate_pattern(pattern, f"{argument} key")
-        value = validate(raw_value, f"{argument}[{describe(pattern)}]")
-        selected = [
-            key for key, node in candidates.items() if matches(pattern, *_names(node))
-        ]
-        if not selected:
-            names = [node.path for node in candidates.values()]
-            raise ValueError(no_match_error(pattern, names))
-        for key in selected:
-            previous = chosen.get(key)
-            if previous is not None and previous[0] != value:
-                raise ValueError(
-                    f"Layer '{candidates[key].path}' is matched by pattern "
-                    f"{describe(previous[1])} with value {previous[0]} and by "
-                    f"pattern {describe(pattern)} with value {value}. Make the "
-                    f"patterns disjoint or give them the same value."
-                )
-            chosen[key] = (value, pattern)
-    return chosen
 
 
 def _match_scales(graph: Graph, scales: Mapping[Pattern, float]) -> dict[int, float]:
@@ -339,7 +385,7 @@ def _match_scales(graph: Graph, scales: Mapping[Pattern, float]) -> dict[int, fl
 
     return {
         key: value
-        for key, (value, _) in _match(graph, scales, "scales", validate).items()
+        for key, (value, _) in match(graph, scales, "scales", validate).items()
     }
 
 
@@ -359,11 +405,11 @@ def _check_no_scale_already(graph: Graph, chosen: Mapping[int, float]) -> None:
 
 def _check_cuts(graph: Graph, chosen: Mapping[int, float], on_bypass: str) -> None:
     cuts = cut_layers(graph)
-    candidates = _candidates(graph)
+    layers = candidates(graph)
     problems = [
-        f"'{candidates[key].path}' is bypassed along {cuts[key]}"
+        f"'{layers[key].path}' is bypassed along {explain_bypass(graph, node)}"
         for key in chosen
-        if cuts.get(key) is not None
+        if (node := cuts.get(key)) is not None
     ]
     if not problems:
         return
@@ -396,7 +442,7 @@ def _targets(graph: Graph, multipliers: Mapping[Pattern, float]) -> dict[int, fl
             )
         return value
 
-    chosen = _match(
+    chosen = match(
         graph, multipliers, "multipliers", validate, keep=lambda n: n.trainable
     )
     targets = {id(n.layer): 1.0 for n in graph.nodes if n.trainable}
@@ -551,103 +597,13 @@ def _insert(
     copy: bool,
 ) -> keras.Model:
     taken = {node.layer.name for node in graph.nodes}
-    candidates = _candidates(graph)
-    with _strategy_scope(model):
-        after = {}
+    layers = candidates(graph)
+    with strategy_scope(model):
+        after: dict[int, list[keras.layers.Layer]] = {}
         for key, value in chosen.items():
-            name = _unique(f"{candidates[key].layer.name}_gradient_scale", taken)
+            name = unique_name(f"{layers[key].layer.name}_gradient_scale", taken)
             if value == 0 and stop_at_zero:
-                after[key] = GradientStop(name=name.replace("_scale", "_stop"))
+                after[key] = [GradientStop(name=name.replace("_scale", "_stop"))]
             else:
-                after[key] = GradientScale(value, method, name=name)
-        return _finish(_Rebuild(after, drop_scales=False).model(model), model, copy)
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, number = name, 1
-    while candidate in taken:
-        number += 1
-        candidate = f"{name}_{number}"
-    taken.add(candidate)
-    return candidate
-
-
-class _Rebuild:
-    """Rebuilds a model (recursively) calling the same layer objects, with a
-    layer added after some and, optionally, stopgrad_lr's layers left out."""
-
-    def __init__(
-        self, after: Mapping[int, keras.layers.Layer], drop_scales: bool
-    ) -> None:
-        self.after = after
-        self.drop_scales = drop_scales
-        self.rebuilt: dict[int, keras.Model] = {}  # nested models, by id
-
-    def model(self, model: keras.Model) -> keras.Model:
-        if id(model) not in self.rebuilt:
-            self.rebuilt[id(model)] = (
-                self._sequential(model)
-                if isinstance(model, keras.Sequential)
-                else self._functional(model)
-            )
-        return self.rebuilt[id(model)]
-
-    def _replacement(self, layer: Any) -> Any:
-        return self.model(layer) if isinstance(layer, keras.Model) else layer
-
-    def _sequential(self, model: keras.Sequential) -> keras.Sequential:
-        spec = model.inputs[0]
-        layers: list[Any] = [keras.Input(batch_shape=spec.shape, dtype=spec.dtype)]
-        for layer in model.layers:
-            if self.drop_scales and isinstance(layer, SCALE_LAYERS):
-                continue
-            layers.append(self._replacement(layer))
-            if id(layer) in self.after:
-                layers.append(self.after[id(layer)])
-        new = keras.Sequential(layers, name=model.name)
-        if not model.trainable:
-            new.trainable = False
-        return new
-
-    def _functional(self, model: keras.Model) -> keras.Model:
-        originals: dict[int, Any] = {}
-
-        def clone_function(layer: Any) -> Any:
-            replacement = self._replacement(layer)
-            originals[id(replacement)] = layer
-            return replacement
-
-        def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.drop_scales and isinstance(layer, SCALE_LAYERS):
-                return args[0]
-            outputs = layer(*args, **kwargs)
-            extra = self.after.get(id(originals.get(id(layer), layer)))
-            if extra is None:
-                return outputs
-            return keras.tree.map_structure(
-                lambda t: extra(t) if keras.backend.is_float_dtype(t.dtype) else t,
-                outputs,
-            )
-
-        new = keras.models.clone_model(
-            model, clone_function=clone_function, call_function=call_function
-        )
-        if not model.trainable:
-            new.trainable = False
-        return new
-
-
-def _finish(new_model: keras.Model, original: keras.Model, copy: bool) -> keras.Model:
-    if not copy:
-        return new_model
-    with _strategy_scope(original):
-        copied = keras.models.clone_model(new_model)
-        copied.set_weights(new_model.get_weights())
-    return copied
-
-
-def _strategy_scope(model: keras.Model) -> contextlib.AbstractContextManager[Any]:
-    """The model's tf.distribute strategy scope, so new variables are
-    distributed like the model's (TensorFlow only; a no-op elsewhere)."""
-    strategy = getattr(model, "distribute_strategy", None)
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+                after[key] = [GradientScale(value, method, name=name)]
+        return finish(Rebuild(after).model(model), model, copy)

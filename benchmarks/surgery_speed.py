@@ -1,0 +1,185 @@
+"""How fast is model surgery, and what does a stop save?
+
+Three measurements, written to `docs/generated/surgery-speed.md`:
+
+1. Rewrite plus analysis of ResNet50 (`insert_gradient_scales` at four block
+   outputs, then `gradient_cuts` and `effective_multipliers` of the result):
+   the best of several runs. Floor: 0.5 s on a 2-core machine.
+2. Analysis time against layer count, on stacks of residual blocks of
+   growing depth: the time per layer should stay flat (linear growth).
+3. One SGD training step of a 64x64 ResNet50, plain, with a stop
+   (`GradientStop`) at `conv4_block6_out`, and with every layer up to
+   `conv4_block6_out` set `trainable = False` (the most a graph-level
+   mechanism can save: no backward pass and no update there, and
+   BatchNormalization in inference mode). Floor for the stop: 0.55x the
+   plain step.
+
+    python benchmarks/surgery_speed.py
+
+Step times are medians over interleaved rounds, so that a busy machine
+slows both variants alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+from _report import REPOSITORY, machine_description, today, write_atomically
+
+import stopgrad_lr
+
+COMMAND = "python benchmarks/surgery_speed.py"
+OUTPUT = REPOSITORY / "docs" / "generated" / "surgery-speed.md"
+BOUNDARIES = [
+    "conv2_block3_out",
+    "conv3_block4_out",
+    "conv4_block6_out",
+    "conv5_block3_out",
+]
+DEPTHS = [25, 50, 100, 200, 400]
+REWRITE_FLOOR_S = 0.5
+STOP_FLOOR = 0.55
+
+
+def best_time(function: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def rewrite_and_analyse(model: keras.Model) -> None:
+    rewritten = stopgrad_lr.insert_gradient_scales(
+        model, dict.fromkeys(BOUNDARIES, 0.5)
+    )
+    stopgrad_lr.gradient_cuts(rewritten)
+    stopgrad_lr.effective_multipliers(rewritten)
+
+
+def residual_stack(blocks: int) -> keras.Model:
+    """`blocks` residual MLP blocks of four layers each."""
+    inputs = keras.Input((16,))
+    x = keras.layers.Dense(16)(inputs)
+    for _ in range(blocks):
+        y = keras.layers.Dense(16, activation="relu")(x)
+        y = keras.layers.Dense(16)(y)
+        x = keras.layers.Add()([x, y])
+        x = keras.layers.LayerNormalization()(x)
+    return keras.Model(inputs, keras.layers.Dense(1)(x))
+
+
+def analyse(model: keras.Model) -> None:
+    stopgrad_lr.gradient_cuts(model)
+    stopgrad_lr.effective_multipliers(model)
+
+
+def step_times(rounds: int = 5, steps: int = 5) -> dict[str, list[float]]:
+    keras.utils.set_random_seed(0)
+    plain = keras.applications.ResNet50(
+        weights=None, input_shape=(64, 64, 3), classes=10
+    )
+    stopped = stopgrad_lr.insert_gradient_scales(
+        plain, {"conv4_block6_out": 0}, copy=True
+    )
+    frozen = keras.models.clone_model(plain)
+    frozen.set_weights(plain.get_weights())
+    names = [layer.name for layer in frozen.layers]
+    for layer in frozen.layers[: names.index("conv4_block6_out") + 1]:
+        layer.trainable = False
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 64, 64, 3)).astype("float32")
+    y = rng.integers(0, 10, 32)
+    models = {
+        "plain": plain,
+        "stop at conv4_block6_out": stopped,
+        "frozen up to conv4_block6_out": frozen,
+    }
+    for model in models.values():
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.01),
+            loss="sparse_categorical_crossentropy",
+        )
+        with warnings.catch_warnings():
+            # Keras warns once per trace that the stopped or frozen layers get
+            # no gradient: that is the point here.
+            warnings.simplefilter("ignore", UserWarning)
+            model.train_on_batch(x, y)  # trace and warm up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def main() -> int:
+    resnet = keras.applications.ResNet50(weights=None)
+    rewrite_s = best_time(lambda: rewrite_and_analyse(resnet), repeats=5)
+    print(f"ResNet50 rewrite + analysis: {rewrite_s:.3f} s")
+
+    growth = []
+    for blocks in DEPTHS:
+        model = residual_stack(blocks)
+        layers = len(model.layers)
+        seconds = best_time(lambda model=model: analyse(model), repeats=3)
+        growth.append((layers, seconds))
+        print(f"{layers:5d} layers: analysis {seconds * 1e3:8.1f} ms")
+    per_layer = [seconds / layers for layers, seconds in growth]
+    growth_ratio = per_layer[-1] / per_layer[0]
+
+    times = step_times()
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    stop_ratio = medians["stop at conv4_block6_out"] / medians["plain"]
+    frozen_ratio = medians["frozen up to conv4_block6_out"] / medians["plain"]
+    print(f"training step with the stop / plain: {stop_ratio:.2f}")
+    print(f"training step with the layers frozen / plain: {frozen_ratio:.2f}")
+
+    lines = [
+        "<!-- Generated by benchmarks/surgery_speed.py; do not edit. -->",
+        f"Measured on {today()} on {machine_description()}. Regenerate with "
+        f"`{COMMAND}`.",
+        "",
+        "| measurement | result | floor |",
+        "|---|---|---|",
+        f"| ResNet50: insert 4 scales, then `gradient_cuts` and "
+        f"`effective_multipliers` (best of 5) | {rewrite_s:.3f} s | "
+        f"<= {REWRITE_FLOOR_S} s |",
+        f"| 64x64 ResNet50 training step (batch 32, SGD), stop at "
+        f"`conv4_block6_out` / plain (median of 5 rounds) | {stop_ratio:.2f}x | "
+        f"<= {STOP_FLOOR}x |",
+        f"| same, every layer up to `conv4_block6_out` frozen (`trainable=False`) "
+        f"/ plain, for comparison | {frozen_ratio:.2f}x | - |",
+        "",
+        "Analysis time (`gradient_cuts` + `effective_multipliers`) against layer "
+        "count, residual MLP stacks:",
+        "",
+        "| layers | analysis | per layer |",
+        "|---|---|---|",
+        *(
+            f"| {layers} | {seconds * 1e3:.1f} ms | {seconds / layers * 1e6:.0f} us |"
+            for layers, seconds in growth
+        ),
+        "",
+        f"Time per layer at {growth[-1][0]} layers is {growth_ratio:.2f}x that "
+        f"at {growth[0][0]} layers (1.0 would be exactly linear).",
+        "",
+    ]
+    write_atomically(OUTPUT, "\n".join(lines))
+    print(f"wrote {OUTPUT.relative_to(REPOSITORY)}")
+    failed = rewrite_s > REWRITE_FLOOR_S or stop_ratio > STOP_FLOOR
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""What every model rewrite shares: selecting layers by pattern and rebuilding.
+
+`_rewrite.py` (gradient scales) and `_reparam.py` (reparametrisation) both
+select layers with `match` and build the new model with `Rebuild`, which
+calls the input model's layer objects again (sharing their weights) unless
+told to swap a layer for another, to call more layers after it, or to leave
+some layers out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+
+from stopgrad_lr._graph import Graph, Node
+from stopgrad_lr._layers import SCALE_LAYERS
+from stopgrad_lr._patterns import (
+    Pattern,
+    describe,
+    matches,
+    no_match_error,
+    validate_pattern,
+)
+
+
+def candidates(graph: Graph) -> dict[int, Node]:
+    """The layers a pattern may select: every layer object (first call
+    site), but not stopgrad_lr's own gradient layers."""
+    found: dict[int, Node] = {}
+    for index in graph.order:
+        node = graph.nodes[index]
+        if not isinstance(node.layer, SCALE_LAYERS):
+            found.setdefault(id(node.layer), node)
+    return found
+
+
+def _names(node: Node) -> tuple[str, str]:
+    return node.path, node.layer.name
+
+
+def match(
+    graph: Graph,
+    patterns: Mapping[Pattern, float],
+    argument: str,
+    validate: Callable[[Any, str], float],
+    keep: Callable[[Node], bool] = lambda node: True,
+) -> dict[int, tuple[float, Pattern]]:
+    """Layer id -> (value, pattern) for every layer a pattern selects."""
+    if not isinstance(patterns, Mapping):
+        raise ValueError(
+            f"Invalid value received for argument `{argument}`. Expected a dict "
+            f"mapping layer-name patterns to floats, such as {{'conv2_*': 0.1}}. "
+            f"Received: {argument}={patterns!r}"
+        )
+    selectable = {key: node for key, node in candidates(graph).items() if keep(node)}
+    chosen: dict[int, tuple[float, Pattern]] = {}
+    for pattern, raw_value in patterns.items():
+        pattern = validate_pattern(pattern, f"{argument} key")
+        value = validate(raw_value, f"{argument}[{describe(pattern)}]")
+        selected = [
+            key for key, node in selectable.items() if matches(pattern, *_names(node))
+        ]
+        if not selected:
+            names = [node.path for node in selectable.values()]
+            raise ValueError(no_match_error(pattern, names))
+        for key in selected:
+            previous = chosen.get(key)
+            if previous is not None and previous[0] != value:
+                raise ValueError(
+                    f"Layer '{selectable[key].path}' is matched by pattern "
+                    f"{describe(previous[1])} with value {previous[0]} and by "
+                    f"pattern {describe(pattern)} with value {value}. Make the "
+                    f"patterns disjoint or give them the same value."
+                )
+            chosen[key] = (value, pattern)
+    return chosen
+
+
+def unique_name(name: str, taken: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`... if taken; the result is taken too."""
+    candidate, number = name, 1
+    while candidate in taken:
+        number += 1
+        candidate = f"{name}_{number}"
+    taken.add(candidate)
+    return candidate
+
+
+class Rebuild:
+    """Rebuilds a model (recursively) calling the same layer objects.
+
+    Args:
+        after: Layer id -> layers to call, in order, on the float outputs of
+            each call of that layer.
+        replace: Layer id -> the layer object to call instead of it (a new
+            layer with weights of its own).
+        drop: Layer types left out: each call returns its first input.
+    """
+
+    def __init__(
+        self,
+        after: Mapping[int, Sequence[keras.layers.Layer]],
+        *,
+        replace: Mapping[int, keras.layers.Layer] | None = None,
+        drop: tuple[type, ...] = (),
+    ) -> None:
+        self.after = after
+        self.replace = replace or {}
+        self.drop = drop
+        self.rebuilt: dict[int, keras.Model] = {}  # nested models, by id
+
+    def model(self, model: keras.Model) -> keras.Model:
+        if id(model) not in self.rebuilt:
+            self.rebuilt[id(model)] = (
+                self._sequential(model)
+                if isinstance(model, keras.Sequential)
+                else self._functional(model)
+            )
+        return self.rebuilt[id(model)]
+
+    def _replacement(self, layer: Any) -> Any:
+        if isinstance(layer, keras.Model):
+            return self.model(layer)
+        return self.replace.get(id(layer), layer)
+
+    def _sequential(self, model: keras.Sequential) -> keras.Sequential:
+        spec = model.inputs[0]
+        layers: list[Any] = [keras.Input(batch_shape=spec.shape, dtype=spec.dtype)]
+        for layer in model.layers:
+            if isinstance(layer, self.drop):
+                continue
+            layers.append(self._replacement(layer))
+            layers.extend(self.after.get(id(layer), ()))
+        new = keras.Sequential(layers, name=model.name)
+        if not model.trainable:
+            new.trainable = False
+        return new
+
+    def _functional(self, model: keras.Model) -> keras.Model:
+        originals: dict[int, Any] = {}
+
+        def clone_function(layer: Any) -> Any:
+            replacement = self._replacement(layer)
+            originals[id(replacement)] = layer
+            return replacement
+
+        def call_function(layer: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(layer, self.drop):
+                return args[0]
+            outputs = layer(*args, **kwargs)
+            for extra in self.after.get(id(originals.get(id(layer), layer)), ()):
+                outputs = keras.tree.map_structure(
+                    lambda t, extra=extra: (
+                        extra(t) if keras.backend.is_float_dtype(t.dtype) else t
+                    ),
+                    outputs,
+                )
+            return outputs
+
+        new = keras.models.clone_model(
+            model, clone_function=clone_function, call_function=call_function
+        )
+        if not model.trainable:
+            new.trainable = False
+        return new
+
+
+def finish(new_model: keras.Model, original: keras.Model, copy: bool) -> keras.Model:
+    """`new_model`, or with `copy=True` a clone of it with weights of its own."""
+    if not copy:
+        return new_model
+    with strategy_scope(original):
+        copied = keras.models.clone_model(new_model)
+        copied.set_weights(new_model.get_weights())
+    return copied
+
+
+def strategy_scope(model: keras.Model) -> contextlib.AbstractContextManager[Any]:
+    """The model's tf.distribute strategy scope, so new variables are
+    distributed like the model's (TensorFlow only; a no-op elsewhere)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()

@@ -1,0 +1,430 @@
+"""The `stopgrad-lr` command on real .keras files: results, refusals, errors.
+
+Most tests call `main` in-process; one runs `python -m stopgrad_lr` for real.
+Every error must be one line on stderr, with exit status 2 for bad input and
+1 for a failure to write, and must leave no output file behind.
+"""
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import _models
+import keras
+import numpy as np
+import pytest
+
+import stopgrad_lr
+from stopgrad_lr import GradientScale, GradientStop, cli, effective_multipliers
+from stopgrad_lr._patterns import iter_layers
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Small models saved once; tests that may overwrite a file copy it."""
+    folder = tmp_path_factory.mktemp("models")
+    residual, images = _models.residual_cnn()
+    residual.save(folder / "residual.keras")
+    mlp, rows = _models.sequential_mlp()
+    mlp.save(folder / "mlp.keras")
+    inputs = keras.Input((6,))
+    doubled = keras.layers.Lambda(lambda t: t * 2.0, name="double")(
+        keras.layers.Dense(4, name="body")(inputs)
+    )
+    with_lambda = keras.Model(inputs, keras.layers.Dense(2, name="head")(doubled))
+    with_lambda.save(folder / "lambda.keras")
+    return SimpleNamespace(
+        folder=folder,
+        residual=folder / "residual.keras",
+        images=images,
+        mlp=folder / "mlp.keras",
+        rows=rows,
+        with_lambda=folder / "lambda.keras",
+    )
+
+
+def run(capsys, *argv):
+    status = cli.main([str(argument) for argument in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_error(result, *fragments, status=2):
+    code, out, err = result
+    assert code == status
+    (line,) = err.splitlines()
+    assert line.startswith("stopgrad-lr: error: ")
+    for fragment in fragments:
+        assert fragment in line
+    assert "Traceback" not in out + err
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load(path):
+    return keras.saving.load_model(path, compile=False)
+
+
+def scale_layers(model):
+    return [
+        layer
+        for _, layer in iter_layers(model)
+        if isinstance(layer, GradientScale | GradientStop)
+    ]
+
+
+def assert_same_outputs(first, second, data):
+    a = keras.ops.convert_to_numpy(first(data))
+    b = keras.ops.convert_to_numpy(second(data))
+    assert np.array_equal(a, b)
+
+
+# inspect
+
+
+def test_inspect_prints_the_summary_table(files, capsys):
+    lines = []
+    stopgrad_lr.summary(load(files.residual), print_fn=lines.append)
+    status, out, err = run(capsys, "inspect", files.residual)
+    assert (status, err) == (0, "")
+    assert out.splitlines() == lines
+    assert lines[-1] == "Total trainable params: 3765"
+
+
+def test_python_m_stopgrad_lr_runs_the_command(files):
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "stopgrad_lr", "inspect", str(files.mlp)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:2] == ["block1", "Dense"]
+    assert "Traceback" not in result.stderr
+
+
+# rewrite
+
+
+def test_rewrite_scale_with_globs_and_regexes(files, tmp_path, capsys):
+    before = digest(files.residual)
+    output = tmp_path / "out.keras"
+    status, out, err = run(
+        capsys,
+        "rewrite",
+        files.residual,
+        output,
+        "--scale",
+        "stem_*t=0.1",
+        "--scale",
+        r"re:block\d_out=0.5",
+    )
+    assert (status, err) == (0, "")
+    assert out.splitlines()[-1] == f"Wrote {output}."
+    assert "stem_out_gradient_scale" in out
+    assert digest(files.residual) == before
+    rewritten = load(output)
+    assert effective_multipliers(rewritten) == {
+        "stem_conv": 0.025,
+        "stem_bn": 0.025,
+        "block1_conv1": 0.25,
+        "block1_conv2": 0.25,
+        "block2_conv1": 0.5,
+        "block2_conv2": 0.5,
+        "block2_proj": 0.5,
+        "head": 1.0,
+    }
+    assert_same_outputs(load(files.residual), rewritten, files.images)
+
+
+def test_rewrite_multiplier_places_scales_at_cuts(files, tmp_path, capsys):
+    output = tmp_path / "out.keras"
+    status, _, err = run(
+        capsys,
+        "rewrite",
+        files.residual,
+        output,
+        "--multiplier",
+        "stem_*=0.01",
+        "--multiplier",
+        r"re:block1_conv\d=0.1",
+    )
+    assert (status, err) == (0, "")
+    multipliers = effective_multipliers(load(output))
+    assert multipliers["stem_conv"] == multipliers["stem_bn"] == 0.01
+    assert multipliers["block1_conv1"] == multipliers["block1_conv2"] == 0.1
+    assert multipliers["block2_conv1"] == multipliers["head"] == 1.0
+
+
+def test_rewrite_decay(files, tmp_path, capsys):
+    output = tmp_path / "out.keras"
+    status, _, err = run(
+        capsys,
+        "rewrite",
+        files.residual,
+        output,
+        "--decay",
+        "block*_out=0.5",
+        "--decay",
+        "stem_out=0.5",
+    )
+    assert (status, err) == (0, "")
+    multipliers = effective_multipliers(load(output))
+    assert multipliers["stem_conv"] == 0.125
+    assert multipliers["block1_conv1"] == 0.25
+    assert multipliers["block2_proj"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("flags", "kind"), [((), GradientStop), (("--no-stop-at-zero",), GradientScale)]
+)
+def test_a_zero_scale_is_a_stop_unless_asked(files, tmp_path, capsys, flags, kind):
+    output = tmp_path / "out.keras"
+    status, _, _ = run(
+        capsys, "rewrite", files.mlp, output, "--scale", "block1=0", *flags
+    )
+    assert status == 0
+    (layer,) = scale_layers(load(output))
+    assert type(layer) is kind
+    assert layer.scale == 0.0
+
+
+def test_on_bypass_error_warn_ignore(files, tmp_path, capsys):
+    argv = ["rewrite", files.residual, tmp_path / "out.keras"]
+    argv += ["--scale", "block1_conv1=0.1"]
+    assert_error(run(capsys, *argv), "'block1_conv1' is bypassed along")
+    assert not (tmp_path / "out.keras").exists()
+
+    status, out, err = run(capsys, *argv, "--on-bypass", "warn")
+    assert status == 0
+    (line,) = err.splitlines()
+    assert line.startswith("stopgrad-lr: warning: ") and "bypassed" in line
+    assert "mixed: 0.1, 1" in out
+
+    status, _, err = run(capsys, *argv, "--on-bypass", "ignore", "--force")
+    assert (status, err) == (0, "")
+
+
+# strip
+
+
+def test_strip_removes_every_scale_layer(files, tmp_path, capsys):
+    scaled, plain = tmp_path / "scaled.keras", tmp_path / "plain.keras"
+    run(capsys, "rewrite", files.residual, scaled, "--scale", "*_out=0.5")
+    status, out, err = run(capsys, "strip", scaled, plain)
+    assert (status, err) == (0, "")
+    assert out == f"Wrote {plain}: removed 3 stopgrad_lr layers.\n"
+    stripped = load(plain)
+    assert scale_layers(stripped) == []
+    assert_same_outputs(load(files.residual), stripped, files.images)
+
+
+# Files: never the input, --force, atomic writes
+
+
+def test_existing_output_or_the_input_itself_needs_force(files, tmp_path, capsys):
+    source = tmp_path / "in.keras"
+    shutil.copy(files.mlp, source)
+    link = tmp_path / "link.keras"
+    link.symlink_to(source)
+    other = tmp_path / "other.keras"
+    other.write_bytes(b"keep me")
+    before = digest(source)
+    for output, message in [
+        (source, "is the input file; pass --force"),
+        (link, "is the input file; pass --force"),
+        (other, "exists; pass --force"),
+    ]:
+        assert_error(run(capsys, "strip", source, output), f"{output} {message}")
+    assert digest(source) == before and other.read_bytes() == b"keep me"
+
+    os.chmod(other, 0o640)
+    assert run(capsys, "strip", source, other, "--force")[0] == 0
+    assert stat.S_IMODE(os.stat(other).st_mode) == 0o640
+    assert load(other).layers[-1].name == "head"
+    # Through the link, the input itself is replaced; the link stays a link.
+    status, _, _ = run(
+        capsys, "rewrite", source, link, "--scale", "block1=0.5", "--force"
+    )
+    assert status == 0 and link.is_symlink()
+    assert effective_multipliers(load(source))["block1"] == 0.5
+
+
+def test_new_output_gets_the_usual_permissions(files, tmp_path, capsys):
+    output = tmp_path / "out.keras"
+    assert run(capsys, "strip", files.mlp, output)[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(output).st_mode) == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["out.keras"]
+
+
+REAL_SAVE = keras.saving.save_model
+
+
+def failing_save(error):
+    """A save that writes a whole file, then fails, as a full disk would."""
+
+    def save(model, path, **kwargs):
+        REAL_SAVE(model, path, **kwargs)
+        raise error
+
+    return save
+
+
+def test_a_failed_save_leaves_no_file(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        keras.saving,
+        "save_model",
+        failing_save(OSError(28, "No space left on device")),
+    )
+    output = tmp_path / "out.keras"
+    result = run(capsys, "rewrite", files.mlp, output, "--scale", "block1=0.5")
+    assert_error(result, "cannot write", "No space left on device", status=1)
+    assert os.listdir(tmp_path) == []
+
+    # An existing output is left as it was.
+    output.write_bytes(b"old")
+    result = run(capsys, "strip", files.mlp, output, "--force")
+    assert_error(result, "No space left on device", status=1)
+    assert os.listdir(tmp_path) == ["out.keras"] and output.read_bytes() == b"old"
+
+    # Any other failure is a bug and shows its traceback, but cleans up too.
+    monkeypatch.setattr(keras.saving, "save_model", failing_save(RuntimeError("bug")))
+    with pytest.raises(RuntimeError, match="bug"):
+        cli.main(["strip", str(files.mlp), str(output), "--force"])
+    assert os.listdir(tmp_path) == ["out.keras"] and output.read_bytes() == b"old"
+
+
+# Safe mode
+
+
+def test_safe_mode_refuses_a_lambda_unless_unsafe(files, tmp_path, capsys):
+    assert_error(
+        run(capsys, "inspect", files.with_lambda),
+        "Lambda layer",
+        "safe mode refuses. If you trust the file, pass --unsafe.",
+    )
+    output = tmp_path / "out.keras"
+    assert_error(run(capsys, "rewrite", files.with_lambda, output, "--scale", "body=2"))
+    assert not output.exists()
+
+    status, out, _ = run(capsys, "inspect", files.with_lambda, "--unsafe")
+    assert status == 0 and "double" in out
+    argv = ["rewrite", files.with_lambda, output, "--scale", "body=2", "--unsafe"]
+    assert run(capsys, *argv)[0] == 0
+    assert effective_multipliers(load_unsafe(output))["body"] == 2.0
+
+
+def load_unsafe(path):
+    return keras.saving.load_model(path, compile=False, safe_mode=False)
+
+
+# Bad input: exit status 2, one line, no output
+
+
+def bad_input_cases(files, tmp_path):
+    directory = tmp_path / "folder.keras"
+    directory.mkdir()
+    legacy = tmp_path / "model.h5"
+    legacy.write_bytes(b"\x89HDF")
+    corrupt = tmp_path / "corrupt.keras"
+    corrupt.write_bytes(b"not a zip file")
+    out = tmp_path / "out.keras"
+    rewrite = ["rewrite", files.residual, out]
+    return [
+        (["inspect", tmp_path / "missing.keras"], "missing.keras: no such file"),
+        (["inspect", legacy], "model.h5 is not a .keras file"),
+        (["inspect", directory], "folder.keras is not a .keras file"),
+        (["inspect", corrupt], "cannot load"),
+        (["inspect", files.mlp, "--scale", "a=1"], "unrecognized arguments: --scale"),
+        (["strip", files.mlp, tmp_path / "out.h5"], "must end with .keras"),
+        (["strip", files.mlp, tmp_path / "no" / "out.keras"], "no such directory"),
+        (["strip", files.mlp, directory], "folder.keras is a directory"),
+        ([*rewrite, "--scale", "stem_out"], "expected PATTERN=NUMBER"),
+        ([*rewrite, "--scale", "=0.1"], "expected PATTERN=NUMBER"),
+        ([*rewrite, "--scale", "stem_out=fast"], "expected a number after '='"),
+        ([*rewrite, "--scale", "re:stem(=0.1"], "invalid regular expression"),
+        ([*rewrite, "--scale", "stem_out=inf"], "finite in float32"),
+        ([*rewrite, "--multiplier", "stem_*=-1"], "Expected a multiplier >= 0"),
+        (
+            [*rewrite, "--scale", "blok1_out=0.1"],
+            "Pattern 'blok1_out' matched no layer",
+        ),
+        ([*rewrite, "--scale", "re:blok.=0.1"], "matched no layer"),
+        ([*rewrite], "one of the arguments --scale --multiplier --decay is required"),
+        ([*rewrite, "--scale", "a=1", "--decay", "b=1"], "not allowed with"),
+        ([*rewrite, "--scale", "a=1", "--scale", "a=2"], "'a' is given twice"),
+        ([*rewrite, "--decay", "a=0.5", "--decay", "b=0.8"], "one factor D"),
+        ([*rewrite, "--multiplier", "a=1", "--on-bypass", "warn"], "--on-bypass"),
+        ([*rewrite, "--decay", "a=0.5", "--no-stop-at-zero"], "--no-stop-at-zero"),
+        ([*rewrite, "--scale", "a=1", "--on-bypass", "maybe"], "invalid choice"),
+        ([], "the following arguments are required: COMMAND"),
+        (["train"], "invalid choice: 'train'"),
+    ]
+
+
+def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys):
+    for argv, message in bad_input_cases(files, tmp_path):
+        result = run(capsys, *argv)
+        assert_error(result, message)
+        assert result[1] == "", argv
+        assert not (tmp_path / "out.keras").exists()
+
+
+# demo, help, version
+
+
+def test_demo_runs_the_script_with_its_arguments(tmp_path, capfd, monkeypatch):
+    script = tmp_path / "finetune_digits.py"
+    script.write_text("import sys\nprint('demo', sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.setattr(cli, "DEMO_SCRIPT", script)
+    assert cli.main(["demo", "--fast", "--out", "x"]) == 3
+    assert capfd.readouterr().out == "demo ['--fast', '--out', 'x']\n"
+    assert cli.main(["demo", "--", "--help"]) == 3
+    assert capfd.readouterr().out == "demo ['--help']\n"
+
+    monkeypatch.setattr(cli, "DEMO_MODULES", {"no_such_module_xyz": "no-such-pkg"})
+    status = cli.main(["demo"])
+    _, err = capfd.readouterr()
+    assert status == 1 and "the demo needs no-such-pkg" in err
+
+    monkeypatch.setattr(cli, "DEMO_SCRIPT", tmp_path / "missing.py")
+    status = cli.main(["demo"])
+    _, err = capfd.readouterr()
+    assert status == 1 and "ships with the source repository" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"stopgrad-lr {stopgrad_lr.__version__}\n"
+
+
+def test_the_docs_describe_every_command_and_option(capsys):
+    page = DOCS.read_text("utf-8")
+    for command in ([], ["inspect"], ["rewrite"], ["strip"], ["demo"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*command, "--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: stopgrad-lr" in text
+        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", text)) - {"--help"}:
+            assert option in page, f"docs/cli.md does not mention {option}"
+        for name in command:
+            assert f"stopgrad-lr {name}" in page
