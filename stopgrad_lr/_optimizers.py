@@ -42,7 +42,7 @@ from stopgrad_lr._reparam import (
     UPDATE_RULES,
     ParameterScale,
 )
-from stopgrad_lr._surgery import candidates, match
+from stopgrad_lr._surgery import candidates, match_multipliers
 
 # The third kind: an optimizer for which neither mechanism is a multiplier.
 NEITHER = "neither"
@@ -805,18 +805,7 @@ def multi_optimizer(
     inner = _unwrap(base_optimizer)
     graph = Graph(model)
 
-    def validate(value: Any, argument: str) -> float:
-        value = validate_scale(value, argument=argument)
-        if value < 0:
-            raise ValueError(
-                f"Invalid value received for argument `{argument}`. Expected a "
-                f"multiplier >= 0. Received: {argument}={value!r}"
-            )
-        return value
-
-    chosen = match(
-        graph, multipliers, "multipliers", validate, keep=lambda n: n.trainable
-    )
+    chosen = match_multipliers(graph, multipliers)
     optimizer_map = {
         regex: _group_copy(inner, value, f"{inner.name}_x{value:g}")
         for value, regex in _group_regexes(model, chosen, candidates(graph)).items()

@@ -39,6 +39,7 @@ from stopgrad_lr._surgery import (
     candidates,
     finish,
     match,
+    match_multipliers,
     strategy_scope,
     unique_name,
 )
@@ -430,21 +431,7 @@ def _check_cuts(graph: Graph, chosen: Mapping[int, float], on_bypass: str) -> No
 
 def _targets(graph: Graph, multipliers: Mapping[Pattern, float]) -> dict[int, float]:
     """Layer id -> wanted multiplier, for every trainable layer."""
-
-    def validate(value: Any, argument: str) -> float:
-        value = validate_scale(value, argument=argument)
-        if value < 0:
-            raise ValueError(
-                f"Invalid value received for argument `{argument}`. Expected a "
-                f"multiplier >= 0 (a negative gradient scale reverses training; "
-                f"use insert_gradient_scales or GradientReversal for that). "
-                f"Received: {argument}={value!r}"
-            )
-        return value
-
-    chosen = match(
-        graph, multipliers, "multipliers", validate, keep=lambda n: n.trainable
-    )
+    chosen = match_multipliers(graph, multipliers)
     targets = {id(n.layer): 1.0 for n in graph.nodes if n.trainable}
     targets.update({key: value for key, (value, _) in chosen.items()})
     return targets

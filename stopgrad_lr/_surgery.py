@@ -17,6 +17,7 @@ import keras
 
 from stopgrad_lr._graph import Graph, Node
 from stopgrad_lr._layers import SCALE_LAYERS
+from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._patterns import (
     Pattern,
     describe,
@@ -77,6 +78,32 @@ def match(
                 )
             chosen[key] = (value, pattern)
     return chosen
+
+
+def validate_multiplier(value: Any, argument: str) -> float:
+    """A learning-rate multiplier: a finite float >= 0."""
+    value = validate_scale(value, argument=argument)
+    if value < 0:
+        raise ValueError(
+            f"Invalid value received for argument `{argument}`. Expected a "
+            f"multiplier >= 0 (a negative gradient scale reverses training; "
+            f"use insert_gradient_scales or GradientReversal for that). "
+            f"Received: {argument}={value!r}"
+        )
+    return value
+
+
+def match_multipliers(
+    graph: Graph, multipliers: Mapping[Pattern, float]
+) -> dict[int, tuple[float, Pattern]]:
+    """`match` for a `multipliers` argument: trainable layers only."""
+    return match(
+        graph,
+        multipliers,
+        "multipliers",
+        validate_multiplier,
+        keep=lambda node: node.trainable,
+    )
 
 
 def unique_name(name: str, taken: set[str]) -> str:
