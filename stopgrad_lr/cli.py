@@ -189,6 +189,14 @@ def _parser() -> argparse.ArgumentParser:
         help="with --scale or --multiplier, insert GradientScale(0.0) rather "
         "than GradientStop for a zero, so a ScaleSchedule can raise it later",
     )
+    rewrite.add_argument(
+        "--optimizer",
+        metavar="NAME",
+        help="with --multiplier, the optimizer you will train with, by its Keras "
+        "name with default settings (sgd, adam, lion...): chooses the mechanism "
+        "that is a learning-rate multiplier for it, gradient scales or "
+        "reparametrisation (apply_lr_multipliers(optimizer=...))",
+    )
     _add_output_options(rewrite)
     rewrite.set_defaults(handler=_rewrite)
 
@@ -294,6 +302,11 @@ def _rewrite(args: argparse.Namespace, extra: list[str]) -> int:
             "--no-stop-at-zero applies to --scale and --multiplier only: a "
             "--decay factor is never 0"
         )
+    if args.optimizer is not None and kind != "multiplier":
+        raise CommandError(
+            "--optimizer applies to --multiplier only: --scale and --decay insert "
+            "gradient scales whatever the optimizer"
+        )
     factors = sorted(set(patterns.values()))
     if kind == "decay" and len(factors) > 1:
         raise CommandError(
@@ -323,9 +336,29 @@ def _rewritten(
             model, patterns, on_bypass=on_bypass, stop_at_zero=args.stop_at_zero
         )
     if kind == "multiplier":
-        return apply_lr_multipliers(model, patterns, stop_at_zero=args.stop_at_zero)
+        optimizer = None if args.optimizer is None else _optimizer(args.optimizer)
+        return apply_lr_multipliers(
+            model, patterns, optimizer=optimizer, stop_at_zero=args.stop_at_zero
+        )
     (decay,) = set(patterns.values())
     return layerwise_decay(model, list(patterns), decay, on_bypass=on_bypass)
+
+
+def _optimizer(name: str) -> keras.optimizers.Optimizer:
+    try:
+        return keras.optimizers.get(name)
+    except ValueError:
+        known = sorted(
+            attribute.lower()
+            for attribute in dir(keras.optimizers)
+            if isinstance(getattr(keras.optimizers, attribute), type)
+            and issubclass(getattr(keras.optimizers, attribute), keras.Optimizer)
+            and attribute not in ("Optimizer", "LossScaleOptimizer", "MultiOptimizer")
+        )
+        raise CommandError(
+            f"--optimizer: unknown optimizer {name!r}; expected a Keras optimizer "
+            f"name, one of: {', '.join(known)}"
+        ) from None
 
 
 def _strip(args: argparse.Namespace, extra: list[str]) -> int:

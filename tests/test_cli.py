@@ -169,6 +169,33 @@ def test_rewrite_multiplier_places_scales_at_cuts(files, tmp_path, capsys):
     assert multipliers["block2_conv1"] == multipliers["head"] == 1.0
 
 
+def test_rewrite_multiplier_for_adam_reparametrises_inside_a_residual_block(
+    files, tmp_path, capsys
+):
+    output = tmp_path / "out.keras"
+    status, _, err = run(
+        capsys,
+        "rewrite",
+        files.residual,
+        output,
+        "--multiplier",
+        "block1_conv2=0.25",
+        "--optimizer",
+        "adam",
+    )
+    assert (status, err) == (0, "")
+    rewritten = load(output)
+    scales = [
+        layer
+        for layer in rewritten.layers
+        if isinstance(layer, stopgrad_lr.ParameterScale)
+    ]
+    assert [layer.scale for layer in scales] == [0.25]  # c = m for Adam
+    # A power of two: the reparametrised model computes the same bits.
+    assert_same_outputs(load(files.residual), rewritten, files.images)
+    assert stopgrad_lr.check_optimizer(keras.optimizers.Adam(), rewritten).ok
+
+
 def test_rewrite_decay(files, tmp_path, capsys):
     output = tmp_path / "out.keras"
     status, _, err = run(
@@ -370,6 +397,15 @@ def bad_input_cases(files, tmp_path):
         ([*rewrite, "--scale", "a=1", "--scale", "a=2"], "'a' is given twice"),
         ([*rewrite, "--decay", "a=0.5", "--decay", "b=0.8"], "one factor D"),
         ([*rewrite, "--multiplier", "a=1", "--on-bypass", "warn"], "--on-bypass"),
+        ([*rewrite, "--scale", "a=1", "--optimizer", "adam"], "--multiplier only"),
+        (
+            [*rewrite, "--multiplier", "stem_*=0.1", "--optimizer", "adamm"],
+            "unknown optimizer 'adamm'; expected a Keras optimizer name, one of: ",
+        ),
+        (
+            [*rewrite, "--multiplier", "stem_*=0.1", "--optimizer", "adamw"],
+            "multi_optimizer",
+        ),
         ([*rewrite, "--decay", "a=0.5", "--no-stop-at-zero"], "--no-stop-at-zero"),
         ([*rewrite, "--scale", "a=1", "--on-bypass", "maybe"], "invalid choice"),
         ([], "the following arguments are required: COMMAND"),
