@@ -415,6 +415,10 @@ def test_parameter_scale_validates_its_arguments(kwargs, message):
 # Training: the learning rates the reparametrisation delivers ---------------------
 
 STEPS, BATCH = 50, 16
+# The module runs on TensorFlow in CI (Makefile); the marker says why.
+TENSORFLOW_ONLY = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="the training loop uses tf.GradientTape"
+)
 INNER = "inner2"  # inside the residual block: not a cut
 
 
@@ -500,7 +504,7 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="eager training loop on TF")
+@TENSORFLOW_ONLY
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_layer_inside_a_residual_block_trains_at_lr_times_m(name):
     make, lr, tolerance = OPTIMIZERS[name]
@@ -555,7 +559,7 @@ def frozen_statistics_resnet50():
     return model, data, labels
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="eager training loop on TF")
+@TENSORFLOW_ONLY
 def test_a_layer_inside_a_resnet50_residual_block():
     """A layer inside a ResNet50 residual block at m = 0.1, its neighbours at 1.
 
