@@ -32,6 +32,7 @@ from stopgrad_lr._surgery import (
     Rebuild,
     candidates,
     finish,
+    followed_by,
     strategy_scope,
     unique_name,
 )
@@ -346,16 +347,14 @@ def unsupported_layers(graph: Graph, targets: Mapping[int, float]) -> list[str]:
 
 
 def _check_not_reparametrized(graph: Graph, changed: Mapping[int, float]) -> None:
-    for node in graph.nodes:
-        if id(node.layer) not in changed:
-            continue
-        for consumer in graph.consumers(node):
-            if isinstance(consumer.layer, ParameterScale):
-                raise ValueError(
-                    f"Layer '{node.path}' is already reparametrised (followed by "
-                    f"'{consumer.path}'). Fold the scale back into its weights "
-                    f"with `stopgrad_lr.strip_gradient_scales` first."
-                )
+    found = followed_by(graph, changed, (ParameterScale,))
+    if found is not None:
+        node, consumer = found
+        raise ValueError(
+            f"Layer '{node.path}' is already reparametrised (followed by "
+            f"'{consumer.path}'). Fold the scale back into its weights "
+            f"with `stopgrad_lr.strip_gradient_scales` first."
+        )
 
 
 def baked_layers(graph: Graph) -> dict[int, keras.layers.Layer]:

@@ -38,6 +38,7 @@ from stopgrad_lr._surgery import (
     Rebuild,
     candidates,
     finish,
+    followed_by,
     match,
     match_multipliers,
     strategy_scope,
@@ -391,17 +392,15 @@ def _match_scales(graph: Graph, scales: Mapping[Pattern, float]) -> dict[int, fl
 
 
 def _check_no_scale_already(graph: Graph, chosen: Mapping[int, float]) -> None:
-    for node in graph.nodes:
-        if id(node.layer) not in chosen:
-            continue
-        for consumer in graph.consumers(node):
-            if isinstance(consumer.layer, SCALE_LAYERS):
-                raise ValueError(
-                    f"Layer '{node.path}' already has the stopgrad_lr layer "
-                    f"'{consumer.path}' on its output. Change that layer instead "
-                    f"(`model.get_layer(...).scale = value`), or remove all "
-                    f"scales first with `stopgrad_lr.strip_gradient_scales`."
-                )
+    found = followed_by(graph, chosen, SCALE_LAYERS)
+    if found is not None:
+        node, consumer = found
+        raise ValueError(
+            f"Layer '{node.path}' already has the stopgrad_lr layer "
+            f"'{consumer.path}' on its output. Change that layer instead "
+            f"(`model.get_layer(...).scale = value`), or remove all "
+            f"scales first with `stopgrad_lr.strip_gradient_scales`."
+        )
 
 
 def _check_cuts(graph: Graph, chosen: Mapping[int, float], on_bypass: str) -> None:

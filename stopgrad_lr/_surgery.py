@@ -106,6 +106,19 @@ def match_multipliers(
     )
 
 
+def followed_by(
+    graph: Graph, layers: Mapping[int, Any], kinds: tuple[type, ...]
+) -> tuple[Node, Node] | None:
+    """The first call of one of `layers` (by id) whose output feeds a layer of
+    one of `kinds`, with that consumer; None if there is none."""
+    for node in graph.nodes:
+        if id(node.layer) in layers:
+            for consumer in graph.consumers(node):
+                if isinstance(consumer.layer, kinds):
+                    return node, consumer
+    return None
+
+
 def unique_name(name: str, taken: set[str]) -> str:
     """`name`, or `name_2`, `name_3`... if taken; the result is taken too."""
     candidate, number = name, 1
