@@ -1,7 +1,8 @@
 """Read-only analysis of a model's gradient paths: cuts and effective multipliers.
 
-The model is read through its config (`model.get_config()`), the public and
-documented form of a functional graph, and flattened: nested functional and
+The model is read call by call (any built functional model: Sequential,
+functional subclasses such as keras-hub's Backbones and Tasks, raw Keras
+operations such as `x + 1.0` as nodes) and flattened: nested functional and
 Sequential models are expanded in place, so a layer inside a nested model is
 a node like any other, named by its path `"outer/inner"`. Only floating
 tensors are edges: an integer or boolean tensor (token ids, an Embedding's
@@ -39,6 +40,8 @@ class Node:
     layer: Any
     inputs: list[int] = field(default_factory=list)  # float tensor ids
     outputs: list[int] = field(default_factory=list)  # tensor ids
+    # A nested model's container node: the inner output behind each output.
+    sources: list[int] | None = None
 
     @property
     def trainable(self) -> bool:
@@ -74,12 +77,12 @@ class Graph:
             self._new_tensor(None, keras.backend.is_float_dtype(t.dtype))
             for t in model.inputs
         ]
-        for tensor_id, output in zip(
-            self._add_model(model, "", inputs), model.outputs, strict=True
-        ):
-            if keras.backend.is_float_dtype(output.dtype):
+        for tensor_id in self._add_model(model, "", inputs):
+            if self.tensors[tensor_id].is_float:
                 self.outputs.append(tensor_id)
-        self.order = self._topological_order()
+        # Nodes are added after the nodes they consume: a topological order.
+        self.order = list(range(len(self.nodes)))
+        self._drop_unused_nested_outputs()
         # Per node, the bit set of itself and its ancestors; filled by cuts().
         self.above: list[int] = []
         self._cuts: dict[int, bool] | None = None
@@ -101,9 +104,38 @@ class Graph:
         return node
 
     def _add_model(self, model: Any, prefix: str, inputs: list[int]) -> list[int]:
-        if isinstance(model, keras.Sequential):
-            return self._add_sequential(model, prefix, inputs)
-        return self._add_functional(model, prefix, inputs)
+        """Adds the calls of a functional or Sequential `model` whose inputs
+        are the tensors `inputs`; returns the tensors of its outputs.
+
+        Public Keras API has no per-call view of a functional graph:
+        `get_config()` of a functional subclass (every keras-hub model) holds
+        its constructor arguments instead, and `clone_model` runs the shape
+        inference of every layer again, which costs as much as a rewrite. So
+        the graph is read from the records Keras keeps for it, the ones
+        `clone_model` itself follows: a symbolic tensor's `_keras_history`
+        names the operation and call that produced it, and the operation's
+        `_inbound_nodes[i]` holds that call's arguments and outputs.
+        """
+        known = {
+            id(tensor): tensor_id
+            for tensor, tensor_id in zip(model.inputs, inputs, strict=True)
+        }
+        for call in _calls_in_order(model):
+            layer = call.operation
+            if isinstance(layer, keras.Model):
+                arguments = _bound_inputs(layer, call)
+            else:
+                arguments = call.input_tensors
+            node = self._add_call(
+                layer, prefix + layer.name, [known[id(t)] for t in arguments]
+            )
+            if not node.outputs:  # a nested model's node has its outputs
+                node.outputs = [
+                    self._new_tensor(node.index, _is_float(t)) for t in call.outputs
+                ]
+            for tensor, tensor_id in zip(call.outputs, node.outputs, strict=True):
+                known[id(tensor)] = tensor_id
+        return [known[id(tensor)] for tensor in model.outputs]
 
     def _add_call(self, layer: Any, path: str, inputs: list[int]) -> Node:
         """Adds a layer call. A nested model is expanded in place and followed
@@ -113,95 +145,42 @@ class Graph:
             inputs = self._add_model(layer, f"{path}/", inputs)
         node = self._new_node(path, layer, inputs)
         if isinstance(layer, keras.Model):
+            node.sources = inputs
             for tensor_id in inputs:
                 is_float = self.tensors[tensor_id].is_float
                 node.outputs.append(self._new_tensor(node.index, is_float))
         return node
 
-    def _add_sequential(
-        self, model: keras.Sequential, prefix: str, inputs: list[int]
-    ) -> list[int]:
-        (current,) = inputs
-        spec = keras.KerasTensor(model.inputs[0].shape, dtype=model.inputs[0].dtype)
-        for layer in model.layers:
-            # The dtype of each link of the chain, without calling the layer
-            # on a graph (which would add a node to the user's layer).
-            spec = layer.compute_output_spec(spec)
-            is_float = keras.backend.is_float_dtype(spec.dtype)
-            node = self._add_call(layer, prefix + layer.name, [current])
-            if not node.outputs:
-                node.outputs.append(self._new_tensor(node.index, is_float))
-            (current,) = node.outputs
-        return [current]
+    def _drop_unused_nested_outputs(self) -> None:
+        """Drops the edge from a nested model's inner output into its container
+        node where the matching outer output reaches no model output.
 
-    def _add_functional(
-        self, model: keras.Model, prefix: str, inputs: list[int]
-    ) -> list[int]:
-        config = model.get_config()
-        operations = {op.name: op for op in model.operations}
-        refs: dict[tuple[str, int, int], int] = {}
-        for ref, tensor_id in zip(
-            _history_list(config["input_layers"]), inputs, strict=True
-        ):
-            refs[ref] = tensor_id
-
-        calls = [
-            (layer_config["name"], node_index, node_config)
-            for layer_config in config["layers"]
-            for node_index, node_config in enumerate(layer_config["inbound_nodes"])
-        ]
-        produced_by: dict[tuple[str, int], Node] = {}
-        for name, node_index, node_config in _in_dependency_order(calls):
-            layer = operations[name]
-            # A nested model binds its positional arguments to its inputs; a
-            # keyword tensor such as `mask=` is not one of them.
-            arguments = list(
-                _keras_tensor_refs(
-                    node_config["args"]
-                    if isinstance(layer, keras.Model)
-                    else node_config
-                )
-            )
-            input_ids = []
-            for (source, source_node, source_index), is_float in arguments:
-                key = (source, source_node, source_index)
-                if key not in refs:
-                    refs[key] = self._output_of(
-                        produced_by[(source, source_node)], source_index, is_float
-                    )
-                input_ids.append(refs[key])
-            produced_by[(name, node_index)] = self._add_call(
-                layer, prefix + name, input_ids
-            )
-        outputs = []
-        for ref in _history_list(config["output_layers"]):
-            if ref not in refs:
-                refs[ref] = self._output_of(produced_by[ref[:2]], ref[2], True)
-            outputs.append(refs[ref])
-        return outputs
-
-    def _output_of(self, producer: Node, index: int, is_float: bool) -> int:
-        while len(producer.outputs) <= index:
-            producer.outputs.append(-1)
-        if producer.outputs[index] < 0:
-            producer.outputs[index] = self._new_tensor(producer.index, is_float)
-        return producer.outputs[index]
-
-    def _topological_order(self) -> list[int]:
-        pending = [sum(1 for _ in self.producers(node)) for node in self.nodes]
-        ready = [node.index for node in self.nodes if not pending[node.index]]
-        order = []
-        while ready:
-            index = ready.pop()
-            order.append(index)
-            for tensor_id in self.nodes[index].outputs:
-                if tensor_id < 0:
-                    continue
-                for consumer in self.tensors[tensor_id].consumers:
-                    pending[consumer] -= 1
-                    if not pending[consumer]:
-                        ready.append(consumer)
-        return order
+        Output `i` of a nested model is its inner output `i` alone, so such an
+        edge carries no gradient (a keras-hub Backbone's `sequence_output`
+        under a classifier that uses only `pooled_output`); left in, it would
+        read as a path around every layer after that inner output.
+        """
+        live = [False] * len(self.tensors)
+        for tensor_id in self.outputs:
+            live[tensor_id] = True
+        for index in reversed(self.order):
+            node = self.nodes[index]
+            if node.sources is None:
+                if any(live[t] for t in node.outputs):
+                    for tensor_id in node.inputs:
+                        live[tensor_id] = True
+                continue
+            kept = [
+                source
+                for source, output in zip(node.sources, node.outputs, strict=True)
+                if live[output] and self.tensors[source].is_float
+            ]
+            for tensor_id in set(node.inputs) - set(kept):
+                consumers = self.tensors[tensor_id].consumers
+                consumers[:] = [c for c in consumers if c != index]
+            node.inputs = kept
+            for tensor_id in kept:
+                live[tensor_id] = True
 
     # Queries ---------------------------------------------------------------
 
@@ -349,59 +328,60 @@ class Graph:
 _OUTPUT = Node(-1, "<model output>", None)
 
 
-def _history_list(value: Any) -> list[tuple[str, int, int]]:
-    """`input_layers`/`output_layers` of a config as a list of triples."""
-    if isinstance(value, dict):  # in keras.tree.flatten order: sorted keys
-        value = [value[key] for key in sorted(value)]
-    elif value and isinstance(value[0], str):
-        value = [value]
-    return [(str(n), int(i), int(t)) for n, i, t in value]
+def _is_float(tensor: Any) -> bool:
+    return bool(keras.backend.is_float_dtype(tensor.dtype))
 
 
-def _keras_tensor_refs(value: Any) -> Iterator[tuple[tuple[str, int, int], bool]]:
-    """Every Keras tensor in a node's args and kwargs, in order, with float-ness."""
-    if isinstance(value, dict):
-        if value.get("class_name") == "__keras_tensor__":
-            config = value["config"]
-            name, node_index, tensor_index = config["keras_history"]
-            is_float = keras.backend.is_float_dtype(config["dtype"])
-            yield (str(name), int(node_index), int(tensor_index)), is_float
-            return
-        # A node's {"args", "kwargs"}, or a dict argument (flattened like
-        # keras.tree.flatten: sorted keys).
-        for key in ("args", "kwargs") if "args" in value else sorted(value):
-            if key in value:
-                yield from _keras_tensor_refs(value[key])
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _keras_tensor_refs(item)
+def _producer(tensor: Any) -> Any:
+    """The Keras call record (a node) that produced a symbolic tensor."""
+    operation, node_index, _ = tensor._keras_history
+    return operation._inbound_nodes[node_index]
 
 
-def _in_dependency_order(
-    calls: list[tuple[str, int, Any]],
-) -> Iterator[tuple[str, int, Any]]:
-    """The calls of a functional config, each after the calls it consumes.
+def _calls_in_order(model: Any) -> list[Any]:
+    """The calls between `model.inputs` and `model.outputs`, each after the
+    calls whose outputs it takes (iterative, for graphs thousands deep)."""
+    inputs = {id(tensor) for tensor in model.inputs}
+    order: list[Any] = []
+    seen: set[int] = set()
+    stack = [
+        (_producer(tensor), False)
+        for tensor in reversed(model.outputs)
+        if id(tensor) not in inputs
+    ]
+    while stack:
+        call, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(call)
+            continue
+        if id(call) in seen:
+            continue
+        seen.add(id(call))
+        stack.append((call, True))
+        for tensor in reversed(call.input_tensors):
+            if (
+                id(tensor) not in inputs
+                and id(producer := _producer(tensor)) not in seen
+            ):
+                stack.append((producer, False))
+    return order
 
-    The config lists layers, each with all its calls; a shared layer's second
-    call may consume a layer listed after it, so the order is recomputed.
-    """
-    waiting: dict[tuple[str, int], list[int]] = {}
-    missing = [0] * len(calls)
-    keys = {(name, node_index) for name, node_index, _ in calls}
-    for position, (_, _, node_config) in enumerate(calls):
-        sources = {ref[:2] for ref, _ in _keras_tensor_refs(node_config)} & keys
-        missing[position] = len(sources)
-        for source in sources:
-            waiting.setdefault(source, []).append(position)
-    ready = [p for p, count in enumerate(missing) if not count]
-    while ready:
-        position = ready.pop()
-        name, node_index, node_config = calls[position]
-        yield calls[position]
-        for dependent in waiting.get((name, node_index), []):
-            missing[dependent] -= 1
-            if not missing[dependent]:
-                ready.append(dependent)
+
+def _bound_inputs(model: keras.Model, call: Any) -> list[Any]:
+    """The tensors that a call of the nested `model` binds to its inputs, in
+    the order of `model.inputs`, as `Functional.call` binds them: the first
+    argument flattened (a keyword tensor such as `mask=` is not an input), a
+    dict matched by input name where the model takes a list."""
+    args, kwargs = call.arguments.args, call.arguments.kwargs
+    value = args[0] if args else kwargs.get("inputs")
+    names = [tensor.name for tensor in model.inputs]
+    if (
+        isinstance(value, dict)
+        and not isinstance(model.input, dict)
+        and set(names) <= set(value)
+    ):
+        return [value[name] for name in names]
+    return list(keras.tree.flatten(value))
 
 
 def check_model(model: Any, action: str) -> None:
@@ -655,10 +635,9 @@ def summary(
         if key in seen:
             continue
         seen.add(key)
-        # A nested model's container row would repeat its layers' weights.
-        weights = (
-            [] if isinstance(node.layer, keras.Model) else node.layer.trainable_weights
-        )
+        # A nested model's container row would repeat its layers' weights; a
+        # raw operation (`x + 1.0`) has none.
+        weights = node.layer.trainable_weights if node.trainable else []
         rows.append(
             SummaryRow(
                 node.path,

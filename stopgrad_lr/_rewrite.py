@@ -19,7 +19,6 @@ import keras
 from stopgrad_lr._graph import (
     Graph,
     Node,
-    check_model,
     cut_layers,
     effective_multipliers,
     explain_bypass,
@@ -37,6 +36,7 @@ from stopgrad_lr._reparam import (
 from stopgrad_lr._surgery import (
     Rebuild,
     candidates,
+    check_rewritable,
     finish,
     followed_by,
     match,
@@ -116,7 +116,7 @@ def insert_gradient_scales(
         >>> stopgrad_lr.effective_multipliers(scaled)
         {'block1': 0.05, 'block2': 0.5, 'head': 1.0}
     """
-    check_model(model, "rewrite")
+    check_rewritable(model, "insert_gradient_scales")
     method = validate_method(method)
     if on_bypass not in ON_BYPASS:
         raise ValueError(
@@ -237,7 +237,7 @@ def apply_lr_multipliers(
         >>> [type(layer).__name__ for layer in for_adam.layers]
         ['InputLayer', 'Dense', 'ParameterScale', 'Dense', 'Dense']
     """
-    check_model(model, "rewrite")
+    check_rewritable(model, "apply_lr_multipliers")
     method = validate_method(method)
     graph = Graph(model)
     targets = _targets(graph, multipliers)
@@ -312,6 +312,7 @@ def layerwise_decay(
         >>> stopgrad_lr.effective_multipliers(decayed)
         {'block0_out': 0.125, 'block1_out': 0.25, 'block2_out': 0.5, 'head': 1.0}
     """
+    check_rewritable(model, "layerwise_decay")
     decay = validate_scale(decay, argument="decay")
     if decay <= 0:
         raise ValueError(
@@ -367,7 +368,7 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
         >>> [type(layer).__name__ for layer in plain.layers]
         ['InputLayer', 'Dense', 'Dense']
     """
-    check_model(model, "rewrite")
+    check_rewritable(model, "strip_gradient_scales")
     graph = Graph(model)
     with strategy_scope(model):
         rebuild = Rebuild(

@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from stopgrad_lr._graph import Graph, Node
+from stopgrad_lr._graph import Graph, Node, check_model
 from stopgrad_lr._layers import SCALE_LAYERS
 from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._patterns import (
@@ -25,6 +25,29 @@ from stopgrad_lr._patterns import (
     no_match_error,
     validate_pattern,
 )
+
+
+def check_rewritable(model: Any, function: str) -> None:
+    """Raises a clear error for a model that a rewrite cannot return as such.
+
+    A keras-hub task (a functional model with a `backbone` and a
+    `preprocessor`) rebuilt by `clone_model` is a plain `keras.Model`: it would
+    lose its preprocessor, its `compile` defaults and its task methods.
+    """
+    check_model(model, "rewrite")
+    if isinstance(getattr(model, "backbone", None), keras.Model) and hasattr(
+        model, "preprocessor"
+    ):
+        task = type(model).__name__
+        raise ValueError(
+            f"Cannot rewrite the keras-hub task '{model.name}' ({task}) as a "
+            f"whole: the rewritten model would be a plain keras.Model without "
+            f"its preprocessor and task methods. Rewrite its backbone and build "
+            f"the task around it: `tuned = stopgrad_lr.{function}(task.backbone, "
+            f"...)`, then `keras_hub.models.{task}(backbone=tuned, "
+            f"preprocessor=task.preprocessor, ...)` with the task's other "
+            f"arguments."
+        )
 
 
 def candidates(graph: Graph) -> dict[int, Node]:
@@ -203,6 +226,10 @@ class Rebuild:
         new = keras.models.clone_model(
             model, clone_function=clone_function, call_function=call_function
         )
+        # Keras names an output after the layer that produced it; a scale
+        # after an output layer would rename that output, and a loss dict
+        # keyed by the original names would no longer fit.
+        new.output_names = list(model.output_names)
         if not model.trainable:
             new.trainable = False
         return new

@@ -80,9 +80,10 @@ def weight_gradients(model: Any, inputs: Any, seed: int = 0) -> dict[int, np.nda
     element contributes with its own weight.
     """
     rng = np.random.default_rng(seed)
-    spec = keras.tree.flatten(model.outputs)
+    # Shapes from a forward pass: a sequence model's outputs have `None` axes.
     projections = [
-        rng.standard_normal((1, *t.shape[1:])).astype("float32") for t in spec
+        rng.standard_normal((1, *t.shape[1:])).astype("float32")
+        for t in forward(model, inputs, False)
     ]
     variables = model.trainable_variables
 
@@ -111,7 +112,12 @@ def weight_gradients(model: Any, inputs: Any, seed: int = 0) -> dict[int, np.nda
         # Compiled as a whole: eager JAX compiles every op of a big model.
         grads = jax.jit(jax.grad(pure))(trainable)
     else:
-        raise NotImplementedError("weight gradients are compared on TF and JAX")
+        import torch
+
+        value = loss_of(model(inputs, training=False))
+        grads = torch.autograd.grad(
+            value, [v.value for v in variables], allow_unused=True
+        )
     return {
         id(v): np.zeros(v.shape, "float32") if g is None else to_numpy(g)
         for v, g in zip(variables, grads, strict=True)
