@@ -125,11 +125,14 @@ def assert_gradients_match_the_analysis(original, rewritten, data):
     for path, multiplier in reported.items():
         if math.isnan(multiplier):
             continue
-        for variable in layer_variables(rewritten, path):
-            error = relative_error(
-                after[id(variable)], multiplier * before[id(variable)]
-            )
-            assert error <= 1e-5, f"{path}/{variable.name}: {error:.2e}"
+        # The same layer, or (a task's new head) its twin at the same path.
+        for new, old in zip(
+            layer_variables(rewritten, path),
+            layer_variables(original, path),
+            strict=True,
+        ):
+            error = relative_error(after[id(new)], multiplier * before[id(old)])
+            assert error <= 1e-5, f"{path}/{new.name}: {error:.2e}"
             checked += 1
     assert checked >= len(original.trainable_variables) // 2
     return reported
@@ -167,3 +170,118 @@ def test_rewrite_is_exact_and_measured_gradients_match(name):
     assert sum(row.trainable_params for row in rows) == sum(
         math.prod(v.shape) for v in rewritten.trainable_variables
     )
+
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "the", "film", "was"]
+VOCABULARY = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+
+
+def text_data(count=16):
+    """Raw strings whose label is whether a positive word occurs."""
+    rng = np.random.default_rng(1)
+    positive = rng.integers(0, 2, count)
+    texts = [
+        f"the film was {WORDS[rng.integers(0, 3)] if p else WORDS[rng.integers(3, 6)]}"
+        for p in positive
+    ]
+    return np.array(texts), positive.astype("int32")
+
+
+def preprocessor():
+    tokenizer = keras_hub.tokenizers.BertTokenizer(vocabulary=VOCABULARY)
+    return keras_hub.models.BertTextClassifierPreprocessor(tokenizer, sequence_length=8)
+
+
+def test_a_task_is_analysed_and_its_rewrite_points_to_the_backbone():
+    task = bert_classifier()
+    rows = stopgrad_lr.summary(task, print_fn=None)
+    assert rows[-1].layer == "logits" and rows[-1].multiplier == 1.0
+    assert "bert_backbone/transformer_layer_1" in stopgrad_lr.gradient_cuts(task)
+    for rewrite in (
+        lambda: stopgrad_lr.insert_gradient_scales(task, {"logits": 0.5}),
+        lambda: stopgrad_lr.layerwise_decay(task, "transformer_layer_*", 0.5),
+        lambda: stopgrad_lr.apply_lr_multipliers(task, {"transformer_*": 0.5}),
+        lambda: stopgrad_lr.strip_gradient_scales(task),
+    ):
+        with pytest.raises(
+            ValueError, match=r"keras-hub task .*task\.backbone"
+        ) as info:
+            rewrite()
+        assert "\n" not in str(info.value)
+        assert "BertTextClassifier(backbone=tuned" in str(info.value)
+
+
+def test_a_task_built_around_a_rewritten_backbone_is_exact_and_measured():
+    task = bert_classifier()
+    decayed = stopgrad_lr.layerwise_decay(
+        task.backbone, ["embeddings_layer_norm", "transformer_layer_*"], 0.5
+    )
+    tuned = keras_hub.models.BertTextClassifier(
+        backbone=decayed, num_classes=2, preprocessor=None
+    )
+    tuned.get_layer("logits").set_weights(task.get_layer("logits").get_weights())
+    data = bert_inputs()
+    expected = forward(task, data, False)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(forward(tuned, data, False), expected, strict=True)
+    )
+    reported = assert_gradients_match_the_analysis(task, tuned, data)
+    # The last block's output feeds the head: it trains at 0.5, the
+    # embeddings at 0.5 ** 3 (three boundaries above them).
+    assert reported["bert_backbone/transformer_layer_1"] == 0.5
+    assert reported["bert_backbone/token_embedding"] == 0.125
+    assert reported["logits"] == 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_layerwise_decay_of_a_text_classifier_trains_on_raw_strings(optimizer):
+    backbone = bert_backbone()
+    before = [np.array(w) for w in backbone.get_weights()]
+    if optimizer == "sgd":
+        # Gradient scales are learning-rate multipliers for SGD.
+        tuned = stopgrad_lr.layerwise_decay(backbone, "transformer_layer_*", 0.5)
+        classifier = keras_hub.models.BertTextClassifier(
+            backbone=tuned, num_classes=2, preprocessor=preprocessor()
+        )
+        opt = keras.optimizers.SGD(0.05)
+    else:
+        # Adam cancels gradient scales, and a TransformerEncoder cannot be
+        # reparametrised: one optimizer per group (the optimizer table).
+        classifier = keras_hub.models.BertTextClassifier(
+            backbone=backbone, num_classes=2, preprocessor=preprocessor()
+        )
+        opt = stopgrad_lr.multi_optimizer(
+            classifier,
+            {"transformer_layer_1": 0.5, "transformer_layer_0": 0.25},
+            keras.optimizers.Adam(1e-3),
+        )
+    classifier.compile(
+        optimizer=opt,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    texts, labels = text_data()
+    # keras-hub maps its preprocessor over a tf.data pipeline, which Keras
+    # does not shuffle (it warns when asked to).
+    history = classifier.fit(
+        texts, labels, batch_size=8, epochs=1, shuffle=False, verbose=0
+    )
+    losses = history.history["loss"]
+    assert all(np.isfinite(losses))
+    assert classifier.predict(texts[:4], verbose=0).shape == (4, 2)
+    # Every layer the rewrite did not copy is shared with the user's
+    # backbone, so training the classifier trained it.
+    after = backbone.get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+    if optimizer == "sgd":
+        multipliers = stopgrad_lr.effective_multipliers(classifier)
+        assert multipliers["logits"] == 1.0
+        assert multipliers["bert_backbone/transformer_layer_1"] == 0.5
+        assert multipliers["bert_backbone/token_embedding"] == 0.25
+    else:
+        ratios = {
+            round(float(inner.learning_rate) / 1e-3, 6)
+            for inner in classifier.optimizer.optimizers
+        }
+        assert ratios == {1.0, 0.5, 0.25}
+    assert stopgrad_lr.check_optimizer(classifier.optimizer, classifier).ok
