@@ -12,7 +12,7 @@ mask) carries no gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -21,14 +21,25 @@ import keras
 from stopgrad_lr._layers import SCALE_LAYERS
 
 # Scales are stored and applied in float32, so a multiplier (a product of
-# scales) is kept to float32 precision, 7 significant digits: 0.1 * 0.5 and
-# 0.5 * 0.1 reached along two paths count as one value, and 0.3 * (1/3 in
-# float32) reads as 0.1.
+# scales) is known to float32 precision: products along two paths that agree
+# to a relative 1e-6 are one value (0.3 * (1/3 in float32) and 0.1), and a
+# multiplier is reported to 7 significant digits. Products are carried
+# unrounded: rounding each step would drift (0.5 ** 18 read 3.814695e-06).
 _DIGITS = 7
+_SAME = 1e-6
 
 
 def _normalise(value: float) -> float:
     return float(f"{value:.{_DIGITS}g}")
+
+
+def _merge(target: list[float], values: Iterable[float]) -> None:
+    """Adds each of `values` to `target` unless it holds one close to it."""
+    for value in values:
+        if not any(
+            math.isclose(value, known, rel_tol=_SAME, abs_tol=0.0) for known in target
+        ):
+            target.append(value)
 
 
 @dataclass(eq=False)
@@ -216,20 +227,18 @@ class Graph:
         The set is that of the node's outputs: a scale layer's own set does
         not include its scale, which applies to what lies upstream of it.
         """
-        at_tensor: dict[int, set[float]] = {t: {1.0} for t in self.outputs}
+        at_tensor: dict[int, list[float]] = {t: [1.0] for t in self.outputs}
         sets: dict[int, frozenset[float]] = {}
         for index in reversed(self.order):
             node = self.nodes[index]
-            values: set[float] = set()
+            values: list[float] = []
             for tensor_id in node.outputs:
-                values |= at_tensor.get(tensor_id, set())
-            sets[index] = frozenset(values)
+                _merge(values, at_tensor.get(tensor_id, ()))
+            sets[index] = frozenset(_normalise(v) for v in values)
             scale = node.scale
-            passed = (
-                values if scale is None else {_normalise(v * scale) for v in values}
-            )
+            passed = values if scale is None else [v * scale for v in values]
             for tensor_id in node.inputs:
-                at_tensor.setdefault(tensor_id, set()).update(passed)
+                _merge(at_tensor.setdefault(tensor_id, []), passed)
         return sets
 
     def cuts(self) -> dict[int, bool]:
@@ -477,6 +486,50 @@ def effective_multipliers(model: keras.Model) -> dict[str, float]:
         if node.trainable and node.path not in result:
             result[node.path] = _multiplier(sets[id(node.layer)])
     return result
+
+
+def block_boundaries(graph: Graph) -> list[Node]:
+    """The layers after which layer-wise decay puts a scale when asked to
+    choose the blocks itself, in topological order.
+
+    A boundary is a cut through which the whole network passes: every layer
+    with trainable weights before it (in topological order) lies upstream of
+    it, and every one after it downstream. Of consecutive such cuts with no
+    trainable layer between them, the last one is the boundary (a block's
+    output, just before the next block starts). The last block, the head,
+    gets none. A shared layer or a stopgrad_lr layer is never a boundary.
+    """
+    cuts = graph.cuts()  # fills graph.above
+    reaches = graph.reaches_output()
+    calls: dict[int, int] = {}
+    for node in graph.nodes:
+        calls[id(node.layer)] = calls.get(id(node.layer), 0) + 1
+    trains = [node.trainable and reaches[node.index] for node in graph.nodes]
+    downstream_of_all_later: dict[int, int] = {}
+    later = -1  # the AND of `above` over the trainable layers after a node
+    for index in reversed(graph.order):
+        downstream_of_all_later[index] = later
+        if trains[index]:
+            later &= graph.above[index]
+    boundaries: list[Node] = []
+    pending: Node | None = None
+    earlier = 0  # the trainable layers before a node
+    for index in graph.order:
+        node = graph.nodes[index]
+        if trains[index] and pending is not None:
+            boundaries.append(pending)
+            pending = None
+        if (
+            cuts.get(index)
+            and node.scale is None
+            and calls[id(node.layer)] == 1
+            and not earlier & ~graph.above[index]
+            and downstream_of_all_later[index] >> index & 1
+        ):
+            pending = node
+        if trains[index]:
+            earlier |= 1 << index
+    return boundaries
 
 
 def cut_layers(graph: Graph) -> dict[int, Node | None]:

@@ -19,6 +19,7 @@ import keras
 from stopgrad_lr._graph import (
     Graph,
     Node,
+    block_boundaries,
     cut_layers,
     effective_multipliers,
     explain_bypass,
@@ -118,11 +119,7 @@ def insert_gradient_scales(
     """
     check_rewritable(model, "insert_gradient_scales")
     method = validate_method(method)
-    if on_bypass not in ON_BYPASS:
-        raise ValueError(
-            f"Invalid value received for argument `on_bypass`. Expected one of "
-            f"{ON_BYPASS}. Received: on_bypass={on_bypass!r}"
-        )
+    _validate_on_bypass(on_bypass)
     graph = Graph(model)
     chosen = _match_scales(graph, scales)
     _check_no_scale_already(graph, chosen)
@@ -286,11 +283,24 @@ def layerwise_decay(
     the block `i` boundaries below the head trains at `decay ** i` times the
     base rate: the layer-wise decay used to fine-tune BERT and ViT models.
 
+    With `boundaries="auto"` the blocks are found in the graph: a boundary is
+    a cut through which the whole network passes (every trainable layer
+    before it lies upstream of it, every one after it downstream), the last
+    such cut before the next block starts; the head gets none. On a
+    Sequential model that is every layer with weights but the last; on
+    ResNet50 the stem's `conv1_conv`, `pool1_pool` and each residual block's
+    output (`conv2_block1_out` ... `conv5_block3_out`; the last one moves to
+    `avg_pool`); on a keras-hub BertBackbone `token_embedding`,
+    `embeddings_add`, `embeddings_dropout` and each `transformer_layer_i`
+    but the last, whose group moves to `get_item` (`docs/surgery.md` lists
+    them). A layer literally named "auto" is selected with `["auto"]`.
+
     Args:
         model: A built functional or Sequential model.
-        boundaries: A pattern, or a list of patterns, selecting the block
-            output layers (as in `insert_gradient_scales`).
-        decay: The factor per block, a finite float > 0 (typically 0.5-0.95).
+        boundaries: `"auto"`, a pattern, or a list of patterns, selecting the
+            block output layers (as in `insert_gradient_scales`).
+        decay: The factor per block, a finite float in (0, 1] (typically
+            0.65-0.95).
         method: `"custom_gradient"` or `"stop_gradient"`.
         on_bypass: `"error"`, `"warn"` or `"ignore"`, as in
             `insert_gradient_scales`.
@@ -300,7 +310,9 @@ def layerwise_decay(
         A new `keras.Model`.
 
     Raises:
-        ValueError: As `insert_gradient_scales`, or if `decay` is not > 0.
+        ValueError: As `insert_gradient_scales`; if `decay` is not in
+            (0, 1]; if `boundaries` is an empty list; or if `"auto"` finds no
+            boundary (a model with a single block).
 
     Examples:
         >>> import keras, stopgrad_lr
@@ -311,20 +323,48 @@ def layerwise_decay(
         >>> decayed = stopgrad_lr.layerwise_decay(model, "block*_out", 0.5)
         >>> stopgrad_lr.effective_multipliers(decayed)
         {'block0_out': 0.125, 'block1_out': 0.25, 'block2_out': 0.5, 'head': 1.0}
+        >>> auto = stopgrad_lr.layerwise_decay(model, "auto", 0.5)
+        >>> stopgrad_lr.effective_multipliers(auto) == (
+        ...     stopgrad_lr.effective_multipliers(decayed)
+        ... )
+        True
     """
     check_rewritable(model, "layerwise_decay")
     decay = validate_scale(decay, argument="decay")
-    if decay <= 0:
+    if not 0 < decay <= 1:
         raise ValueError(
-            f"Invalid value received for argument `decay`. Expected a float > 0 "
-            f"(a stop is a scale of 0: use insert_gradient_scales). "
-            f"Received: decay={decay!r}"
+            f"Invalid value received for argument `decay`. Expected a float in "
+            f"(0, 1]: the factor by which each block's rate falls below the "
+            f"next (a stop is a scale of 0, and other scales can be set with "
+            f"insert_gradient_scales). Received: decay={decay!r}"
         )
+    if isinstance(boundaries, str) and boundaries == "auto":
+        method = validate_method(method)
+        _validate_on_bypass(on_bypass)
+        graph = Graph(model)
+        found = block_boundaries(graph)
+        if not found:
+            raise ValueError(
+                f"layerwise_decay(boundaries='auto') found no block boundary in "
+                f"the model '{model.name}': no cut separates two groups of "
+                f"trainable layers. Pass the block output layers by name "
+                f"instead (`stopgrad_lr.gradient_cuts(model)` lists the cuts)."
+            )
+        chosen = {id(node.layer): decay for node in found}
+        _check_no_scale_already(graph, chosen)
+        return _insert(model, graph, chosen, method, True, copy)
     patterns = (
         [boundaries]
         if isinstance(boundaries, str | bytes) or not isinstance(boundaries, Sequence)
         else list(boundaries)
     )
+    if not patterns:
+        raise ValueError(
+            'Invalid value received for argument `boundaries`. Expected "auto", '
+            "a pattern or a non-empty list of patterns selecting the block "
+            "output layers, such as 'transformer_layer_*'. Received: "
+            "boundaries=[]"
+        )
     return insert_gradient_scales(
         model,
         {validate_pattern(p, "boundaries"): decay for p in patterns},
@@ -380,6 +420,14 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
 
 
 # Matching -----------------------------------------------------------------
+
+
+def _validate_on_bypass(on_bypass: Any) -> None:
+    if on_bypass not in ON_BYPASS:
+        raise ValueError(
+            f"Invalid value received for argument `on_bypass`. Expected one of "
+            f"{ON_BYPASS}. Received: on_bypass={on_bypass!r}"
+        )
 
 
 def _match_scales(graph: Graph, scales: Mapping[Pattern, float]) -> dict[int, float]:

@@ -82,7 +82,9 @@ def weight_gradients(model: Any, inputs: Any, seed: int = 0) -> dict[int, np.nda
     rng = np.random.default_rng(seed)
     # Shapes from a forward pass: a sequence model's outputs have `None` axes.
     projections = [
-        rng.standard_normal((1, *t.shape[1:])).astype("float32")
+        keras.ops.convert_to_tensor(
+            rng.standard_normal((1, *t.shape[1:])).astype("float32")
+        )
         for t in forward(model, inputs, False)
     ]
     variables = model.trainable_variables

@@ -13,7 +13,7 @@ import keras
 import keras_hub
 import numpy as np
 import pytest
-from _backend import forward, relative_error, weight_gradients
+from _backend import BACKEND, forward, relative_error, weight_gradients
 
 import stopgrad_lr
 
@@ -126,19 +126,35 @@ def assert_gradients_match_the_analysis(original, rewritten, data):
         if math.isnan(multiplier):
             continue
         # The same layer, or (a task's new head) its twin at the same path.
-        for new, old in zip(
-            layer_variables(rewritten, path),
-            layer_variables(original, path),
-            strict=True,
-        ):
-            error = relative_error(after[id(new)], multiplier * before[id(old)])
-            assert error <= 1e-5, f"{path}/{new.name}: {error:.2e}"
-            checked += 1
+        # One norm-wise error per layer: an attention layer's key bias has a
+        # gradient of pure rounding noise (softmax ignores a shift shared by
+        # all keys), whose ratio means nothing.
+        pairs = list(
+            zip(
+                layer_variables(rewritten, path),
+                layer_variables(original, path),
+                strict=True,
+            )
+        )
+        error = relative_error(
+            np.concatenate([after[id(new)].ravel() for new, _ in pairs]),
+            multiplier * np.concatenate([before[id(old)].ravel() for _, old in pairs]),
+        )
+        assert error <= 1e-5, f"{path}: {error:.2e}"
+        checked += len(pairs)
     assert checked >= len(original.trainable_variables) // 2
     return reported
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+# keras.applications models are checked on TensorFlow: compiling their
+# gradients on JAX and running them eagerly on torch takes minutes each, and
+# the surgery is the same (test_rewrite runs ResNet50 on every backend).
+BACKEND_MODELS = (
+    list(MODELS) if BACKEND == "tensorflow" else ["bert_backbone", "gemma_backbone"]
+)
+
+
+@pytest.mark.parametrize("name", BACKEND_MODELS)
 def test_rewrite_is_exact_and_measured_gradients_match(name):
     build, make_inputs, scales = MODELS[name]
     model, data = build(), make_inputs()
@@ -285,3 +301,81 @@ def test_layerwise_decay_of_a_text_classifier_trains_on_raw_strings(optimizer):
         }
         assert ratios == {1.0, 0.5, 0.25}
     assert stopgrad_lr.check_optimizer(classifier.optimizer, classifier).ok
+
+
+def test_automatic_boundaries_close_each_block():
+    resnet = keras.applications.ResNet50(
+        weights=None, input_shape=(32, 32, 3), classes=3
+    )
+    blocks = [(2, 3), (3, 4), (4, 6), (5, 3)]  # (stage, residual blocks)
+    outputs = [f"conv{s}_block{b}_out" for s, n in blocks for b in range(1, n + 1)]
+    # The stem's conv and its BatchNormalization are blocks of their own (the
+    # boundary of the second moves to the last cut before conv2, the pool);
+    # the last residual block's boundary moves to the pooling before the head.
+    expected = ["conv1_conv", "pool1_pool", *outputs[:-1], "avg_pool"]
+    decayed = stopgrad_lr.layerwise_decay(resnet, "auto", 0.5)
+    scaled = [
+        layer.name.removesuffix("_gradient_scale")
+        for layer in decayed.layers
+        if isinstance(layer, stopgrad_lr.GradientScale)
+    ]
+    assert scaled == expected
+    multipliers = stopgrad_lr.effective_multipliers(decayed)
+    assert multipliers["predictions"] == 1.0
+    assert multipliers["conv5_block3_1_conv"] == 0.5
+    # Reported to 7 significant digits, without drift over 18 boundaries.
+    assert multipliers["conv1_conv"] == float(f"{0.5 ** len(expected):.7g}")
+
+    bert = bert_backbone(num_layers=3)
+    decayed = stopgrad_lr.layerwise_decay(bert, "auto", 0.5)
+    multipliers = stopgrad_lr.effective_multipliers(decayed)
+    # The three embeddings meet at `embeddings_add`: one block; then the
+    # embedding LayerNormalization, each transformer layer, the pooler (head).
+    assert multipliers == {
+        "token_embedding": 0.5**5,
+        "position_embedding": 0.5**5,
+        "segment_embedding": 0.5**5,
+        "embeddings_layer_norm": 0.5**4,
+        "transformer_layer_0": 0.5**3,
+        "transformer_layer_1": 0.5**2,
+        "transformer_layer_2": 0.5,
+        "pooled_dense": 1.0,
+    }
+    data = bert_inputs()
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            forward(decayed, data, False), forward(bert, data, False), strict=True
+        )
+    )
+    assert_gradients_match_the_analysis(bert, decayed, data)
+
+    sequential = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(4, name="a"),
+            keras.layers.Dropout(0.1, name="drop"),
+            keras.layers.Dense(4, name="b"),
+            keras.layers.Dense(2, name="head"),
+        ]
+    )
+    decayed = stopgrad_lr.layerwise_decay(sequential, "auto", 0.5)
+    assert [layer.name for layer in decayed.layers] == [
+        "a",
+        "drop",
+        "drop_gradient_scale",
+        "b",
+        "b_gradient_scale",
+        "head",
+    ]
+    assert stopgrad_lr.effective_multipliers(decayed) == {
+        "a": 0.25,
+        "b": 0.5,
+        "head": 1.0,
+    }
+
+
+def test_automatic_boundaries_need_two_blocks():
+    single = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="only")])
+    with pytest.raises(ValueError, match="found no block boundary"):
+        stopgrad_lr.layerwise_decay(single, "auto", 0.5)
