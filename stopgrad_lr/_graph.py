@@ -677,6 +677,12 @@ def summary(
         0.1
     """
     check_model(model, "summarise")
+    if print_fn is not None and not callable(print_fn):
+        raise ValueError(
+            f"Invalid value received for argument `print_fn`. Expected a "
+            f"function called with each line (such as `print`, the default), or "
+            f"None to print nothing. Received: print_fn={print_fn!r}"
+        )
     graph = Graph(model)
     sets = _layer_multiplier_sets(graph)
     cuts = cut_layers(graph)

@@ -177,7 +177,9 @@ def output_scale(m: float, update_rule: str, round_to_power_of_two: bool) -> flo
 
 def unsupported_reason(layer: Any) -> str | None:
     """Why `layer` cannot be reparametrised from outside, or None if it can."""
-    if not isinstance(layer, SUPPORTED_LAYERS):
+    # A subclass counts (keras-hub's ReversibleEmbedding is an Embedding).
+    supported = isinstance(layer, SUPPORTED_LAYERS)
+    if not supported:
         return "its output is not linear in its parameters, or not known to be"
     if getattr(layer, "lora_enabled", False):
         return "LoRA makes its output bilinear in its two LoRA kernels"

@@ -35,6 +35,8 @@ from stopgrad_lr._reparam import (
     unsupported_layers,
 )
 from stopgrad_lr._surgery import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
     Rebuild,
     candidates,
     check_rewritable,
@@ -44,6 +46,7 @@ from stopgrad_lr._surgery import (
     match_multipliers,
     strategy_scope,
     unique_name,
+    validate_flag,
 )
 
 ON_BYPASS = ("error", "warn", "ignore")
@@ -119,6 +122,8 @@ def insert_gradient_scales(
     """
     check_rewritable(model, "insert_gradient_scales")
     method = validate_method(method)
+    copy = validate_flag(copy, "copy")
+    stop_at_zero = validate_flag(stop_at_zero, "stop_at_zero")
     _validate_on_bypass(on_bypass)
     graph = Graph(model)
     chosen = _match_scales(graph, scales)
@@ -236,7 +241,13 @@ def apply_lr_multipliers(
     """
     check_rewritable(model, "apply_lr_multipliers")
     method = validate_method(method)
+    copy = validate_flag(copy, "copy")
+    stop_at_zero = validate_flag(stop_at_zero, "stop_at_zero")
+    round_to_power_of_two = validate_flag(
+        round_to_power_of_two, "round_to_power_of_two"
+    )
     graph = Graph(model)
+    _check_no_gradient_layers(graph)
     targets = _targets(graph, multipliers)
     layers = candidates(graph)
     chosen, update_rule = choose_mechanism(
@@ -330,6 +341,7 @@ def layerwise_decay(
         True
     """
     check_rewritable(model, "layerwise_decay")
+    copy = validate_flag(copy, "copy")
     decay = validate_scale(decay, argument="decay")
     if not 0 < decay <= 1:
         raise ValueError(
@@ -409,6 +421,7 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
         ['InputLayer', 'Dense', 'Dense']
     """
     check_rewritable(model, "strip_gradient_scales")
+    copy = validate_flag(copy, "copy")
     graph = Graph(model)
     with strategy_scope(model):
         rebuild = Rebuild(
@@ -449,6 +462,25 @@ def _check_no_scale_already(graph: Graph, chosen: Mapping[int, float]) -> None:
             f"'{consumer.path}' on its output. Change that layer instead "
             f"(`model.get_layer(...).scale = value`), or remove all "
             f"scales first with `stopgrad_lr.strip_gradient_scales`."
+        )
+
+
+def _check_no_gradient_layers(graph: Graph) -> None:
+    """Multipliers are absolute: scales already in the model would multiply
+    them, so a model that holds some is refused."""
+    found = {
+        id(node.layer): f"'{node.path}' ({type(node.layer).__name__} {node.scale:g})"
+        for node in graph.nodes
+        if node.scale is not None
+    }.values()
+    if found:
+        raise ValueError(
+            f"The model already holds stopgrad_lr gradient layers, whose scales "
+            f"would multiply the multipliers asked for: {', '.join(found)}. "
+            f"Remove them first to set every multiplier afresh "
+            f"(`stopgrad_lr.apply_lr_multipliers(stopgrad_lr.strip_gradient_scales"
+            f"(model), ...)`), or change their scales instead "
+            f"(`model.get_layer(name).scale = value`)."
         )
 
 
@@ -582,7 +614,16 @@ def _boundaries_for(graph: Graph, targets: Mapping[int, float]) -> dict[int, flo
                 f"gradient is stopped), so the layers upstream of it cannot get "
                 f"multiplier {inner}: no gradient reaches them."
             )
-        scales[id(cut.layer)] = inner / outer
+        ratio = inner / outer
+        if ratio and not FLOAT32_TINY <= ratio <= FLOAT32_MAX:
+            raise ValueError(
+                f"The layers upstream of '{cut.path}' want multiplier {inner} "
+                f"and those downstream {outer}: the gradient scale between them, "
+                f"{ratio:.3g}, is outside what float32 can represent "
+                f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}). Choose multipliers "
+                f"closer together, or 0 to freeze the upstream layers."
+            )
+        scales[id(cut.layer)] = ratio
     return scales
 
 

@@ -79,6 +79,13 @@ def match(
             f"mapping layer-name patterns to floats, such as {{'conv2_*': 0.1}}. "
             f"Received: {argument}={patterns!r}"
         )
+    if not patterns:
+        raise ValueError(
+            f"Invalid value received for argument `{argument}`. Expected a "
+            f"non-empty dict mapping layer-name patterns to floats, such as "
+            f"{{'conv2_*': 0.1}}: an empty one would change nothing. Received: "
+            f"{argument}={{}}"
+        )
     selectable = {key: node for key, node in candidates(graph).items() if keep(node)}
     chosen: dict[int, tuple[float, Pattern]] = {}
     for pattern, raw_value in patterns.items():
@@ -88,8 +95,7 @@ def match(
             key for key, node in selectable.items() if matches(pattern, *_names(node))
         ]
         if not selected:
-            names = [node.path for node in selectable.values()]
-            raise ValueError(no_match_error(pattern, names))
+            raise ValueError(_not_selectable(graph, pattern, selectable))
         for key in selected:
             previous = chosen.get(key)
             if previous is not None and previous[0] != value:
@@ -103,8 +109,45 @@ def match(
     return chosen
 
 
+def _not_selectable(
+    graph: Graph, pattern: Pattern, selectable: Mapping[int, Node]
+) -> str:
+    """Why `pattern` selected nothing: it matches no layer, or only layers that
+    cannot be selected here (the reason is named)."""
+    for node in graph.nodes:
+        if id(node.layer) in selectable or not matches(pattern, *_names(node)):
+            continue
+        kind = f"'{node.path}' ({type(node.layer).__name__})"
+        if isinstance(node.layer, SCALE_LAYERS):
+            return (
+                f"Pattern {describe(pattern)} matches only the stopgrad_lr layer "
+                f"{kind}, which cannot be selected. Change its scale instead "
+                f"(`model.get_layer(...).scale = value`), or select the layer "
+                f"before it."
+            )
+        if getattr(node.layer, "weights", None) and not node.trainable:
+            return (
+                f"Pattern {describe(pattern)} matches layer {kind}, which is "
+                f"frozen (trainable=False) and so has no learning rate. Set "
+                f"`trainable = True` on it first, or leave it out."
+            )
+        return (
+            f"Pattern {describe(pattern)} matches layer {kind}, which has no "
+            f"trainable weights and so no learning rate. Select the layers with "
+            f"weights before it (`stopgrad_lr.summary(model)` lists them)."
+        )
+    names = [node.path for node in selectable.values()]
+    return no_match_error(pattern, names)
+
+
+# The smallest normal float32: a nonzero scale below it is rounded to 0 (or
+# loses precision) where the gradient is multiplied, in float32.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def validate_multiplier(value: Any, argument: str) -> float:
-    """A learning-rate multiplier: a finite float >= 0."""
+    """A learning-rate multiplier: 0, or a float32-representable float > 0."""
     value = validate_scale(value, argument=argument)
     if value < 0:
         raise ValueError(
@@ -113,7 +156,25 @@ def validate_multiplier(value: Any, argument: str) -> float:
             f"use insert_gradient_scales or GradientReversal for that). "
             f"Received: {argument}={value!r}"
         )
+    if value and not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise ValueError(
+            f"Invalid value received for argument `{argument}`. Expected 0 or a "
+            f"multiplier between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g}, which "
+            f"float32 can represent (gradients are scaled in float32). Use 0 to "
+            f"freeze. Received: {argument}={value!r}"
+        )
     return value
+
+
+def validate_flag(value: Any, argument: str) -> bool:
+    """A `True`/`False` argument; anything else (a string, 0, None) is refused,
+    since `copy="no"` would read as true."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(
+        f"Invalid value received for argument `{argument}`. Expected True or "
+        f"False. Received: {argument}={value!r} of type {type(value).__name__}"
+    )
 
 
 def match_multipliers(
