@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Tests that must pass on every Keras backend, not only TensorFlow.
 MULTI_BACKEND_TESTS := tests/test_ops.py tests/test_layers.py tests/test_callbacks.py tests/test_schedules.py
-# Model surgery and analysis run on JAX too (torch has no symbolic graph tests).
-JAX_TESTS := $(MULTI_BACKEND_TESTS) tests/test_rewrite.py
+# Model surgery and analysis, checked against each backend's own autodiff.
+SURGERY_TESTS := tests/test_rewrite.py tests/test_real_models.py
 
 .PHONY: demo test lint typecheck pytest docs clean
 
@@ -40,8 +40,8 @@ typecheck: $(VENV)/.test-installed
 # pytest exits 5 when it collects no test; make treats that as a failure.
 pytest: $(VENV)/.test-installed
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest
-	KERAS_BACKEND=jax $(BIN)/python -m pytest $(JAX_TESTS)
-	KERAS_BACKEND=torch $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS) $(SURGERY_TESTS)
+	KERAS_BACKEND=torch $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS) $(SURGERY_TESTS)
 
 docs: $(VENV)/.test-installed
 	$(BIN)/mkdocs build --strict --site-dir build/site

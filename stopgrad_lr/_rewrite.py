@@ -345,10 +345,10 @@ def layerwise_decay(
     decay = validate_scale(decay, argument="decay")
     if not 0 < decay <= 1:
         raise ValueError(
-            f"Invalid value received for argument `decay`. Expected a float in "
-            f"(0, 1]: the factor by which each block's rate falls below the "
-            f"next (a stop is a scale of 0, and other scales can be set with "
-            f"insert_gradient_scales). Received: decay={decay!r}"
+            f"Invalid value received for argument `decay`. Expected a float > 0 "
+            f"and <= 1, in (0, 1]: the factor by which each block's rate falls "
+            f"below the next (a stop is a scale of 0, and other scales can be "
+            f"set with insert_gradient_scales). Received: decay={decay!r}"
         )
     if isinstance(boundaries, str) and boundaries == "auto":
         method = validate_method(method)
