@@ -58,7 +58,7 @@ class Node:
     def trainable(self) -> bool:
         """Whether the call trains weights of its own (a nested model's
         container node does not: its layers are nodes of their own)."""
-        if isinstance(self.layer, keras.Model):
+        if has_graph(self.layer):
             return False
         return bool(getattr(self.layer, "trainable_weights", None))
 
@@ -133,7 +133,7 @@ class Graph:
         }
         for call in _calls_in_order(model):
             layer = call.operation
-            if isinstance(layer, keras.Model):
+            if has_graph(layer):
                 arguments = _bound_inputs(layer, call)
             else:
                 arguments = call.input_tensors
@@ -149,13 +149,15 @@ class Graph:
         return [known[id(tensor)] for tensor in model.outputs]
 
     def _add_call(self, layer: Any, path: str, inputs: list[int]) -> Node:
-        """Adds a layer call. A nested model is expanded in place and followed
-        by a container node that stands for its outputs, so that the nested
-        model as a whole can be a boundary."""
-        if isinstance(layer, keras.Model):
+        """Adds a layer call. A nested functional or Sequential model is
+        expanded in place and followed by a container node that stands for its
+        outputs, so that the nested model as a whole can be a boundary. A
+        nested subclassed model is one node, like a layer."""
+        nested = has_graph(layer)
+        if nested:
             inputs = self._add_model(layer, f"{path}/", inputs)
         node = self._new_node(path, layer, inputs)
-        if isinstance(layer, keras.Model):
+        if nested:
             node.sources = inputs
             for tensor_id in inputs:
                 is_float = self.tensors[tensor_id].is_float
@@ -418,6 +420,12 @@ def check_model(model: Any, action: str) -> None:
             f"in `__init__` and apply it to a block's output in `call`, or use "
             f"`stopgrad_lr.scale_gradient(x, 0.1)` there."
         )
+
+
+def has_graph(layer: Any) -> bool:
+    """Whether `layer` is a model with a graph to expand (functional or
+    Sequential); a subclassed model is read and rebuilt like a layer."""
+    return isinstance(layer, keras.Model) and _has_inputs(layer)
 
 
 def _has_inputs(model: keras.Model) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from stopgrad_lr._graph import Graph, Node, check_model
+from stopgrad_lr._graph import Graph, Node, check_model, has_graph
 from stopgrad_lr._layers import SCALE_LAYERS
 from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._patterns import (
@@ -246,7 +246,7 @@ class Rebuild:
         return self.rebuilt[id(model)]
 
     def _replacement(self, layer: Any) -> Any:
-        if isinstance(layer, keras.Model):
+        if has_graph(layer):
             return self.model(layer)
         return self.replace.get(id(layer), layer)
 

@@ -381,6 +381,28 @@ def test_subclassed_model_is_rejected_with_advice():
         effective_multipliers(model)
 
 
+def test_a_subclassed_model_inside_a_functional_one_is_one_layer():
+    class Doubled(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(4)
+
+        def call(self, x):
+            return self.dense(x) * 2.0
+
+    inputs = keras.Input((3,))
+    x = keras.layers.Dense(4, name="a")(inputs)
+    x = Doubled(name="doubled")(x) + 1.0  # and a raw op after it
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+    data = np.random.default_rng(0).standard_normal((2, 3)).astype("float32")
+    rewritten = insert_gradient_scales(model, {"a": 0.5, "doubled": 0.25})
+    assert np.array_equal(
+        forward(rewritten, data, False)[0], forward(model, data, False)[0]
+    )
+    reported = assert_measured_multipliers(model, rewritten, data)
+    assert reported == {"a": 0.125, "doubled": 0.25, "head": 1.0}
+
+
 def test_existing_scale_at_the_same_place_is_rejected():
     model, data = _models.sequential_mlp()
     once = insert_gradient_scales(model, {"block1": 0.5})
