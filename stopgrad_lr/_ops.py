@@ -75,7 +75,7 @@ def validate_tensor_scale(scale: Any) -> None:
             f"one-element tensor with keras.ops.reshape(scale, ()). Received: "
             f"scale with shape {shape}"
         )
-    if isinstance(scale, keras.Variable) or keras.backend.is_keras_tensor(scale):
+    if isinstance(scale, keras.Variable):
         return
     try:
         value = ops.convert_to_numpy(scale)
