@@ -10,15 +10,14 @@ is, whether Keras was imported before or after this package.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
 import sys
-from collections.abc import Sequence
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import importlib.machinery
+    from collections.abc import Sequence
+    from types import ModuleType
+
     from stopgrad_lr._callbacks import LRFinder, ScaleSchedule, find_lr
     from stopgrad_lr._graph import (
         SummaryRow,
@@ -126,11 +125,12 @@ def _import_all() -> None:
         importlib.import_module(module)
 
 
-class _ImportAllAfterKeras(importlib.abc.MetaPathFinder):
+class _ImportAllAfterKeras:
     """Runs `_import_all` right after `import keras` has finished.
 
-    It finds nothing itself: it asks the other finders for Keras's spec and
-    wraps the loader's `exec_module`, then leaves `sys.meta_path`.
+    A `sys.meta_path` finder (by duck typing: `importlib.abc` costs 20 ms of
+    start-up) that finds nothing itself: it asks the other finders for
+    Keras's spec, wraps the loader's `exec_module`, and leaves the path.
     """
 
     def find_spec(
@@ -141,6 +141,8 @@ class _ImportAllAfterKeras(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != "keras":
             return None
+        import importlib.util
+
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec("keras")
         if spec is None or spec.loader is None:
