@@ -26,6 +26,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 import zipfile
@@ -69,13 +70,27 @@ class CommandError(Exception):
 
 
 class _Terminated(BaseException):
-    """Raised by the SIGTERM handler, so that cleanup (`finally`) runs as for
-    Ctrl-C's KeyboardInterrupt. A BaseException: no `except Exception`
-    swallows it."""
+    """Raised on SIGTERM, so that cleanup (`finally`) runs as for Ctrl-C's
+    KeyboardInterrupt. A BaseException: no `except Exception` swallows it."""
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+# The signals received during this run of `main`. Code that catches every
+# exception can swallow the one a handler raises (Keras's save does, around
+# choosing where to buffer the weights), so the command checks this list
+# again after each long step.
+_received: list[int] = []
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    _raise_if_signalled()
+
+
+def _raise_if_signalled() -> None:
+    if signal.SIGTERM in _received:
+        raise _Terminated
+    if signal.SIGINT in _received:
+        raise KeyboardInterrupt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     verbose = False
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
+    # Only the main thread may set handlers; elsewhere, signals stay as they are.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {
+        number: signal.signal(number, _on_signal)
+        for number in (signal.SIGINT, signal.SIGTERM)
+        if in_main_thread
+    }
     try:
         args = parser.parse_args(argv)
         verbose = args.verbose
@@ -147,7 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(f"unexpected {type(error).__name__}: {_shortened(error)}{hint}")
         return FAILURE
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, previous_handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back.
+            if previous_handler is not None:
+                signal.signal(number, previous_handler)
 
 
 # Arguments ------------------------------------------------------------------
@@ -482,9 +507,11 @@ def _load(path: str, unsafe: bool, verbose: bool) -> keras.Model:
     try:
         # Not compiled: a rewrite returns an uncompiled model anyway, and the
         # loss or optimizer may be custom objects this process cannot load.
-        return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
+        model = keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as error:
         raise CommandError(_load_error(path, error)) from None
+    _raise_if_signalled()
+    return model
 
 
 def _load_error(path: str, error: BaseException) -> str:
@@ -545,6 +572,7 @@ def _save_atomically(model: keras.Model, target: str, output: str, force: bool) 
         )
         os.close(descriptor)
         keras.saving.save_model(model, temporary)
+        _raise_if_signalled()
         os.chmod(temporary, mode)
         if force:
             os.replace(temporary, target)
