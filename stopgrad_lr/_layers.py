@@ -55,7 +55,9 @@ class GradientScale(keras.layers.Layer):
         The input, unchanged.
 
     Raises:
-        ValueError: If `scale` is not a finite number or `method` is unknown.
+        ValueError: If `scale` (in the constructor or on `layer.scale = v`)
+            is not a finite number, or is a nonzero number that float32
+            rounds to zero, or if `method` is unknown.
 
     Examples:
         >>> import numpy as np
@@ -154,8 +156,8 @@ class GradientReversal(GradientScale):
         The input, unchanged.
 
     Raises:
-        ValueError: If `strength` is not a finite number or `method` is
-            unknown.
+        ValueError: If `strength` is not a finite number, or is a nonzero
+            number that float32 rounds to zero, or if `method` is unknown.
 
     Examples:
         >>> import stopgrad_lr
@@ -208,6 +210,9 @@ class GradientStop(keras.layers.Layer):
     Returns:
         The input, unchanged (bit for bit, including +-inf and -0.0).
 
+    Raises:
+        ValueError: On `layer.scale = value` with a value other than 0.
+
     Examples:
         >>> import numpy as np
         >>> import stopgrad_lr
@@ -217,13 +222,32 @@ class GradientStop(keras.layers.Layer):
         True
     """
 
-    scale = 0.0  # read by the analysis like GradientScale.scale
-
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         self.supports_masking = True
         self._build_at_init()
+
+    @property
+    def scale(self) -> float:
+        """Always 0.0, read by the analysis like `GradientScale.scale`.
+
+        A stop is fixed: assigning any other value raises a `ValueError`
+        rather than being reported upstream while no gradient flows.
+        """
+        return 0.0
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        if validate_scale(value) != 0.0:
+            raise ValueError(
+                f"Invalid value received for argument `scale`. Expected 0.0: a "
+                f"GradientStop always stops the gradient and cannot scale it. "
+                f"For a scale that changes during training, insert "
+                f"GradientScale(0.0) instead (stop_at_zero=False in "
+                f"insert_gradient_scales / apply_lr_multipliers). Received: "
+                f"scale={value!r}"
+            )
 
     def call(self, inputs: Any) -> Any:
         return keras.ops.stop_gradient(inputs)

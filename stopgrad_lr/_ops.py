@@ -18,14 +18,19 @@ from keras import ops
 
 METHODS = ("custom_gradient", "stop_gradient")
 
-# Largest finite float32: the scale is stored and applied in float32.
+# The scale is stored and applied in float32: the largest finite float32, and
+# the smallest normal one. Below it a float32 is subnormal, and TensorFlow and
+# XLA flush subnormals to zero on CPU, so such a scale stops the gradient.
 _FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def validate_scale(scale: Any, argument: str = "scale") -> float:
     """Returns `scale` as a Python float, or raises a Keras-style `ValueError`.
 
-    A scale must be a real number (not a bool) that is finite in float32.
+    A scale must be a real number (not a bool) that is finite in float32
+    and, unless it is zero, not so small that float32 rounds or flushes it to
+    zero.
     """
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise ValueError(
@@ -40,7 +45,48 @@ def validate_scale(scale: Any, argument: str = "scale") -> float:
             f"float that is finite in float32 (|{argument}| <= 3.4e38). "
             f"Received: {argument}={scale!r}"
         )
+    if value != 0.0 and abs(value) < _FLOAT32_TINY:
+        raise ValueError(
+            f"Invalid value received for argument `{argument}`. Expected 0 or a "
+            f"float with |{argument}| >= 1.2e-38: the scale is applied in "
+            f"float32, where a smaller value becomes 0 (or a subnormal that "
+            f"TensorFlow and XLA flush to 0) and silently stops the gradient. "
+            f"Pass 0 to stop it on purpose. Received: {argument}={scale!r}"
+        )
     return value
+
+
+def validate_tensor_scale(scale: Any) -> None:
+    """Raises a Keras-style `ValueError` unless a tensor or variable `scale`
+    is a scalar and, where its value is known (eager tensors), finite.
+
+    A non-scalar scale would broadcast, scaling the gradient element by
+    element; its shape is known even while tracing. A traced value cannot be
+    read, so a NaN there is only caught when the scale is concrete. A
+    `keras.Variable` is not read: its value changes between steps, and the
+    layers validate every value they assign to theirs.
+    """
+    shape = tuple(scale.shape)
+    if shape != ():
+        raise ValueError(
+            f"Invalid value received for argument `scale`. Expected a scalar "
+            f"(shape ()): a tensor of another shape would scale the gradient "
+            f"element by element. Reduce it to one number, or reshape a "
+            f"one-element tensor with keras.ops.reshape(scale, ()). Received: "
+            f"scale with shape {shape}"
+        )
+    if isinstance(scale, keras.Variable):
+        return
+    try:
+        value = ops.convert_to_numpy(scale)
+    except Exception:
+        # A symbolic tensor (tf.function graph, JAX tracer): no value yet.
+        return
+    if not np.isfinite(value):
+        raise ValueError(
+            f"Invalid value received for argument `scale`. Expected a finite "
+            f"scalar tensor. Received: scale with value {value.item()!r}"
+        )
 
 
 def validate_method(method: Any) -> str:
@@ -119,8 +165,10 @@ def scale_gradient(x: Any, scale: Any, method: str = "custom_gradient") -> Any:
         A tensor equal to `x`, of the same shape and dtype.
 
     Raises:
-        ValueError: If `scale` is a bool, not a number, or not finite, or if
-            `method` is unknown.
+        ValueError: If `scale` is a bool, not a number, not finite, or a
+            nonzero number that float32 rounds to zero; if a tensor `scale`
+            is not a scalar, or is NaN or infinite where its value is known
+            (eager execution); or if `method` is unknown.
 
     Examples:
         >>> import numpy as np
@@ -131,7 +179,9 @@ def scale_gradient(x: Any, scale: Any, method: str = "custom_gradient") -> Any:
         True
     """
     method = validate_method(method)
-    if not (ops.is_tensor(scale) or isinstance(scale, keras.Variable)):
+    if ops.is_tensor(scale) or isinstance(scale, keras.Variable):
+        validate_tensor_scale(scale)
+    else:
         scale = validate_scale(scale)
     dtype = keras.backend.standardize_dtype(x.dtype)
     if not keras.backend.is_float_dtype(dtype):

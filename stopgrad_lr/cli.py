@@ -2,56 +2,63 @@
 
 `stopgrad-lr inspect`, `rewrite` and `strip` wrap `stopgrad_lr.summary`,
 `insert_gradient_scales` / `apply_lr_multipliers` / `layerwise_decay` and
-`strip_gradient_scales` for models saved in Keras's native `.keras` format;
-`stopgrad-lr demo` runs the fine-tuning demo of the source repository.
+`strip_gradient_scales` for models saved in Keras's native `.keras` format.
 `python -m stopgrad_lr` is the same command.
 
 Models are loaded in Keras's safe mode, output files are written atomically
-and never over the input, and bad input ends the command with a one-line
-error and exit status 2.
+and never over an existing file without `--force`, and every error ends the
+command with one line on stderr and a documented exit status (2 for bad
+input), never a traceback unless `--verbose`.
+
+Keras, and with it TensorFlow, is imported only once a command needs it, so
+that `--help` and argument errors answer at once; its start-up log lines are
+hidden unless `--verbose`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
+import errno
 import os
 import re
+import signal
 import stat
-import subprocess
 import sys
 import tempfile
+import threading
+import traceback
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
-
-import keras
+from types import FrameType, ModuleType
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from stopgrad_lr import __version__
-from stopgrad_lr._graph import summary
-from stopgrad_lr._patterns import Pattern, iter_layers
-from stopgrad_lr._rewrite import (
-    ON_BYPASS,
-    apply_lr_multipliers,
-    insert_gradient_scales,
-    layerwise_decay,
-    strip_gradient_scales,
-)
+
+if TYPE_CHECKING:
+    import keras
+
+    from stopgrad_lr._patterns import Pattern
 
 PROG = "stopgrad-lr"
 # A pattern with this prefix is a regular expression; any other is a glob.
 REGEX_PREFIX = "re:"
-# Bad input (arguments, files, patterns) exits like an argparse usage error;
-# a failure to write the output or to start the demo exits with 1.
+# Exit statuses, listed in docs/cli.md. Bad input (arguments, files,
+# patterns) exits like an argparse usage error; a failure to write the output,
+# or an error inside Keras or this package, exits with 1; a signal exits with
+# 128 + its number, as a shell reports it.
 BAD_INPUT = 2
 FAILURE = 1
-# The demo lives in the source repository, next to the package; an installed
-# wheel does not ship it.
-DEMO_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "finetune_digits.py"
-DEMO_MODULES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+INTERRUPTED = 128 + signal.SIGINT  # 130
+TERMINATED = 128 + signal.SIGTERM  # 143
 REWRITE_KINDS = ("scale", "multiplier", "decay")
+# stopgrad_lr._rewrite.ON_BYPASS, repeated so that building the parser does
+# not import Keras (a test checks that the two agree).
+ON_BYPASS = ("error", "warn", "ignore")
+# Error messages from Keras can hold a whole model config; one line of the
+# command's output keeps this many characters of them.
+MESSAGE_LIMIT = 300
 
 
 class CommandError(Exception):
@@ -60,6 +67,30 @@ class CommandError(Exception):
     def __init__(self, message: str, status: int = BAD_INPUT) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _Terminated(BaseException):
+    """Raised on SIGTERM, so that cleanup (`finally`) runs as for Ctrl-C's
+    KeyboardInterrupt. A BaseException: no `except Exception` swallows it."""
+
+
+# The signals received during this run of `main`. Code that catches every
+# exception can swallow the one a handler raises (Keras's save does, around
+# choosing where to buffer the weights), so the command checks this list
+# again after each long step.
+_received: list[int] = []
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+    _raise_if_signalled()
+
+
+def _raise_if_signalled() -> None:
+    if signal.SIGTERM in _received:
+        raise _Terminated
+    if signal.SIGINT in _received:
+        raise KeyboardInterrupt
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,20 +104,24 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the `stopgrad-lr` command and returns its exit status.
 
-    Prints a one-line error to stderr and returns 2 on bad input (a missing
-    or non-`.keras` file, a bad `PATTERN=VALUE`, a pattern that matches no
-    layer, an output that exists or is the input without `--force`, a file
-    that safe mode refuses without `--unsafe`), and returns 1 when the output
-    cannot be written or the demo cannot start. `--help` and `--version`
-    exit through `SystemExit`, as in any argparse program. See the CLI page
-    of the docs for every command and option.
+    Prints a one-line error to stderr and returns 2 on bad input (a missing,
+    corrupt or non-`.keras` file, a bad `PATTERN=VALUE`, a pattern that
+    matches no layer, a model the library refuses, an output that exists or
+    is the input without `--force`, a file that safe mode refuses without
+    `--unsafe`); returns 1 when the output cannot be written or on an
+    unexpected error (with its traceback only under `--verbose`); returns
+    130 on SIGINT (Ctrl-C) and 143 on SIGTERM, after removing any partly
+    written file. `--help` and `--version` exit through `SystemExit`, as in
+    any argparse program. See the CLI page of the docs for every command
+    and option.
 
     Args:
         argv: The arguments, without the program name. Defaults to
             `sys.argv[1:]`.
 
     Returns:
-        The exit status: 0 on success, 1 or 2 on error, or the demo's own.
+        The exit status: 0 on success, 1 or 2 on error, 130 or 143 when
+        interrupted.
 
     Examples:
         >>> import os, tempfile, keras
@@ -103,15 +138,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> directory.cleanup()
     """
     parser = _parser()
+    verbose = False
+    _received.clear()
+    # Only the main thread may set handlers; elsewhere, signals stay as they are.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {
+        number: signal.signal(number, _on_signal)
+        for number in (signal.SIGINT, signal.SIGTERM)
+        if in_main_thread
+    }
     try:
-        args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "demo":
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        handler: Callable[[argparse.Namespace, list[str]], int] = args.handler
-        return handler(args, extra)
+        args = parser.parse_args(argv)
+        verbose = args.verbose
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
     except CommandError as error:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        _print_error(error)
         return error.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted by SIGINT", file=sys.stderr)
+        return INTERRUPTED
+    except _Terminated:
+        print(f"{PROG}: terminated by SIGTERM", file=sys.stderr)
+        return TERMINATED
+    except Exception as error:
+        # A bug, here or in Keras: still one line, unless asked for more.
+        if verbose:
+            traceback.print_exc()
+        hint = "" if verbose else " (rerun with --verbose for the traceback)"
+        _print_error(f"unexpected {type(error).__name__}: {_shortened(error)}{hint}")
+        return FAILURE
+    finally:
+        for number, previous_handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back.
+            if previous_handler is not None:
+                signal.signal(number, previous_handler)
 
 
 # Arguments ------------------------------------------------------------------
@@ -139,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", metavar="MODEL.keras")
     _add_unsafe(inspect)
+    _add_verbose(inspect)
     inspect.set_defaults(handler=_inspect)
 
     rewrite = commands.add_parser(
@@ -211,15 +273,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_output_options(strip)
     strip.set_defaults(handler=_strip)
 
-    demo = commands.add_parser(
-        "demo",
-        help="run the fine-tuning demo of the source repository",
-        description="Run examples/finetune_digits.py from the source repository "
-        "(what `make demo` runs), passing on any further arguments. Needs the "
-        "examples extra: scikit-learn and matplotlib.",
-    )
-    demo.set_defaults(handler=_demo)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the backend's start-up log lines and, on an unexpected "
+        "error, the Python traceback",
+    )
 
 
 def _add_unsafe(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +301,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         help="replace OUT.keras if it exists, even when it is IN.keras",
     )
     _add_unsafe(parser)
+    _add_verbose(parser)
 
 
 def _assignment(text: str) -> tuple[str, Pattern, float]:
@@ -282,14 +346,16 @@ def _patterns(
 # Commands -------------------------------------------------------------------
 
 
-def _inspect(args: argparse.Namespace, extra: list[str]) -> int:
-    model = _load(args.model, args.unsafe)
+def _inspect(args: argparse.Namespace) -> int:
+    model = _load(args.model, args.unsafe, args.verbose)
+    from stopgrad_lr._graph import summary
+
     with _library_errors():
         summary(model)
     return 0
 
 
-def _rewrite(args: argparse.Namespace, extra: list[str]) -> int:
+def _rewrite(args: argparse.Namespace) -> int:
     (kind,) = [kind for kind in REWRITE_KINDS if getattr(args, kind)]
     patterns = _patterns(getattr(args, kind), f"--{kind}")
     if args.on_bypass is not None and kind == "multiplier":
@@ -315,10 +381,12 @@ def _rewrite(args: argparse.Namespace, extra: list[str]) -> int:
             f"received {factors}. Use --scale for different scales."
         )
     target = _check_output(args.input, args.output, args.force)
-    model = _load(args.input, args.unsafe)
+    model = _load(args.input, args.unsafe, args.verbose)
+    from stopgrad_lr._graph import summary
+
     with _library_errors():
         new_model = _rewritten(model, kind, patterns, args)
-    _save_atomically(new_model, target)
+    _save_atomically(new_model, target, args.output, args.force)
     summary(new_model)
     print(f"Wrote {args.output}.")
     return 0
@@ -330,6 +398,12 @@ def _rewritten(
     patterns: dict[Pattern, float],
     args: argparse.Namespace,
 ) -> keras.Model:
+    from stopgrad_lr._rewrite import (
+        apply_lr_multipliers,
+        insert_gradient_scales,
+        layerwise_decay,
+    )
+
     on_bypass = args.on_bypass or "error"
     if kind == "scale":
         return insert_gradient_scales(
@@ -345,6 +419,8 @@ def _rewritten(
 
 
 def _optimizer(name: str) -> keras.optimizers.Optimizer:
+    import keras
+
     try:
         return keras.optimizers.get(name)
     except ValueError:
@@ -361,40 +437,18 @@ def _optimizer(name: str) -> keras.optimizers.Optimizer:
         ) from None
 
 
-def _strip(args: argparse.Namespace, extra: list[str]) -> int:
+def _strip(args: argparse.Namespace) -> int:
     target = _check_output(args.input, args.output, args.force)
-    model = _load(args.input, args.unsafe)
+    model = _load(args.input, args.unsafe, args.verbose)
+    from stopgrad_lr._rewrite import strip_gradient_scales
+
     with _library_errors():
         stripped = strip_gradient_scales(model)
-    _save_atomically(stripped, target)
+    _save_atomically(stripped, target, args.output, args.force)
     removed = _count_own_layers(model)
     layers = "layer" if removed == 1 else "layers"
     print(f"Wrote {args.output}: removed {removed} stopgrad_lr {layers}.")
     return 0
-
-
-def _demo(args: argparse.Namespace, extra: list[str]) -> int:
-    if not DEMO_SCRIPT.is_file():
-        raise CommandError(
-            f"the demo script {DEMO_SCRIPT} is not there: the demo ships with the "
-            f"source repository, not with the installed package. Run `make demo` "
-            f"in a checkout of the repository.",
-            status=FAILURE,
-        )
-    missing = [
-        package
-        for module, package in DEMO_MODULES.items()
-        if importlib.util.find_spec(module) is None
-    ]
-    if missing:
-        raise CommandError(
-            f"the demo needs {' and '.join(missing)}: install the examples "
-            f"extra with `pip install -e '.[examples]'` in the repository",
-            status=FAILURE,
-        )
-    # `demo -- --help` passes --help on to the script rather than to argparse.
-    arguments = extra[1:] if extra[:1] == ["--"] else extra
-    return subprocess.run([sys.executable, str(DEMO_SCRIPT), *arguments]).returncode
 
 
 # Files ----------------------------------------------------------------------
@@ -408,16 +462,27 @@ def _check_input(path: str) -> None:
             f"{path} is not a .keras file, the format `model.save('name.keras')` "
             f"writes. Re-save older .h5 or SavedModel files in Keras 3 first."
         )
+    # Keras reports a file that is not a zip archive as "File not found".
+    if not zipfile.is_zipfile(path):
+        raise CommandError(
+            f"{path} is not a valid .keras file: it is not a zip archive (a "
+            f"truncated download or copy, or another format renamed). Save the "
+            f"model again with `model.save('name.keras')`."
+        )
 
 
 def _check_output(source: str, output: str, force: bool) -> str:
     """Checks where the output goes, before any work; returns the file to
-    replace (the target of `output` if it is a symbolic link)."""
+    write (the target of `output` if it is a symbolic link).
+
+    The checks are repeated where it matters, at the end: a file that
+    appears at the target meanwhile is not replaced without `force`."""
     _check_input(source)
     if not output.endswith(".keras"):
         raise CommandError(f"{output}: the output must end with .keras")
     target = os.path.realpath(output)
-    if not os.path.isdir(os.path.dirname(target)):
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
         raise CommandError(f"{output}: no such directory")
     if os.path.isdir(target):
         raise CommandError(f"{output} is a directory")
@@ -427,54 +492,121 @@ def _check_output(source: str, output: str, force: bool) -> str:
                 f"{output} is the input file; pass --force to replace it"
             )
         raise CommandError(f"{output} exists; pass --force to replace it")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CommandError(
+            f"cannot write {output}: Permission denied to create files in "
+            f"{folder}; choose another folder",
+            status=FAILURE,
+        )
     return target
 
 
-def _load(path: str, unsafe: bool) -> keras.Model:
+def _load(path: str, unsafe: bool, verbose: bool) -> keras.Model:
     _check_input(path)
+    keras = _import_keras(verbose)
     try:
         # Not compiled: a rewrite returns an uncompiled model anyway, and the
         # loss or optimizer may be custom objects this process cannot load.
-        return keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
+        model = keras.saving.load_model(path, compile=False, safe_mode=not unsafe)
     except Exception as error:
-        # Keras raises a plain ValueError for what safe mode refuses; its
-        # message is the only thing that tells it apart.
-        if "safe_mode=False" in str(error):
-            raise CommandError(
-                f"{path} holds Python code that loading would run (such as a "
-                f"Lambda layer's function), which Keras's safe mode refuses. If "
-                f"you trust the file, pass --unsafe."
-            ) from None
-        # Any failure to read a file the user named is bad input.
-        raise CommandError(
-            f"cannot load {path}: {type(error).__name__}: {error}"
-        ) from None
+        raise CommandError(_load_error(path, error)) from None
+    _raise_if_signalled()
+    return model
 
 
-def _save_atomically(model: keras.Model, target: str) -> None:
-    """Saves to a temporary file beside `target`, then renames it over
-    `target`: a reader sees the old file or the new one, never a part."""
+def _load_error(path: str, error: BaseException) -> str:
+    """One line for a file that does not load: any failure to read a file
+    the user named is bad input.
+
+    Keras wraps the error that matters (safe mode, an unknown class) in
+    others, and appends the whole model config to its messages: the line
+    looks through the chain and keeps the messages' first part."""
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    messages = [str(link) for link in chain]
+    # Keras raises a plain ValueError for what safe mode refuses; its message
+    # is the only thing that tells it apart.
+    if any("safe_mode" in message for message in messages):
+        return (
+            f"{path} holds Python code that loading would run (such as a "
+            f"Lambda layer's function), which Keras's safe mode refuses. If "
+            f"you trust the file, pass --unsafe."
+        )
+    for message in messages:
+        unknown = re.search(r"Could not locate \w+ '([^']+)'", message)
+        if unknown:
+            return (
+                f"cannot load {path}: it refers to {unknown.group(1)!r}, which is "
+                f"neither a Keras object nor one of stopgrad_lr's. This command "
+                f"loads only models made of those; load models with custom "
+                f"layers in Python, after importing the code that defines them."
+            )
+    first = re.split(r"Full object config|config=|\n\s*\n", messages[0])[0]
+    return f"cannot load {path}: {type(error).__name__}: {_shortened(first)}"
+
+
+def _save_atomically(model: keras.Model, target: str, output: str, force: bool) -> None:
+    """Saves to a temporary file beside `target`, then moves it to `target`:
+    a reader sees the old file or the new one, never a part. Without
+    `force`, the move refuses a `target` that exists by then.
+
+    The temporary file is removed on any failure and on SIGINT or SIGTERM
+    (which `main` turns into exceptions)."""
+    import keras
+
     mode = (
         stat.S_IMODE(os.stat(target).st_mode)
         if os.path.exists(target)
         else 0o666 & ~_umask()
     )
-    # Keras saves only to names that end with .keras.
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{os.path.basename(target)}.",
-        suffix=".keras",
-        dir=os.path.dirname(target),
-    )
-    os.close(descriptor)
+    temporary = None
     try:
+        # Keras saves only to names that end with .keras.
+        descriptor, temporary = tempfile.mkstemp(
+            prefix=f".{os.path.basename(target)}.",
+            suffix=".keras",
+            dir=os.path.dirname(target),
+        )
+        os.close(descriptor)
         keras.saving.save_model(model, temporary)
+        _raise_if_signalled()
         os.chmod(temporary, mode)
-        os.replace(temporary, target)
+        if force:
+            os.replace(temporary, target)
+        else:
+            _move_without_replacing(temporary, target)
+    except FileExistsError:
+        raise CommandError(
+            f"{output} was created by someone else while this command ran; it "
+            f"was left as it is. Pass --force to replace it."
+        ) from None
     except OSError as error:
-        raise CommandError(f"cannot write {target}: {error}", status=FAILURE) from None
+        # strerror: the error's filename would be the temporary file's.
+        reason = error.strerror or str(error)
+        raise CommandError(f"cannot write {output}: {reason}", status=FAILURE) from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+
+
+def _move_without_replacing(source: str, target: str) -> None:
+    """Renames `source` to `target` unless `target` exists, atomically:
+    `os.link` fails with FileExistsError where `os.replace` would replace."""
+    try:
+        os.link(source, target)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+        # A file system without hard links: claim the name first, so that
+        # nobody else's file is replaced, then move the file over the claim.
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.replace(source, target)
+    else:
+        os.remove(source)
 
 
 def _umask() -> int:
@@ -482,6 +614,46 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Keras, quietly ---------------------------------------------------------------
+
+
+def _import_keras(verbose: bool) -> ModuleType:
+    """Imports Keras (and so its backend), hiding the backend's start-up log
+    unless `verbose`.
+
+    TensorFlow's C++ runtime writes its start-up lines (oneDNN, CUDA, CPU
+    features) straight to file descriptor 2, some of them even with
+    TF_CPP_MIN_LOG_LEVEL=3 and some only when the first operation runs. So
+    fd 2 points to a temporary file while Keras is imported and runs one
+    operation, and back to the terminal after. If that fails, what was
+    written there is real news and is passed on before the error.
+    """
+    if "keras" in sys.modules or verbose:
+        import keras
+
+        return keras
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            import keras
+
+            keras.ops.convert_to_numpy(keras.ops.zeros(()))
+        except Exception:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+    return keras
 
 
 # Helpers --------------------------------------------------------------------
@@ -504,10 +676,26 @@ def _library_errors() -> Iterator[None]:
 
 def _count_own_layers(model: keras.Model) -> int:
     """How many layers of this package (registered under `stopgrad_lr>`)."""
+    import keras
+
+    from stopgrad_lr._patterns import iter_layers
+
     return sum(
         keras.saving.get_registered_name(type(layer)).startswith("stopgrad_lr>")
         for _, layer in iter_layers(model)
     )
+
+
+def _print_error(message: Any) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _shortened(message: Any) -> str:
+    """The first MESSAGE_LIMIT characters of a message, on one line."""
+    text = _one_line(message)
+    if len(text) <= MESSAGE_LIMIT:
+        return text
+    return text[: MESSAGE_LIMIT - 3].rstrip() + "..."
 
 
 def _one_line(message: Any) -> str:

@@ -24,7 +24,9 @@ def run_example(name, *arguments):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / name), *map(str, arguments)],
         cwd=ROOT,
-        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        # The script's folder, not the root, comes first on sys.path: point
+        # Python at this checkout's package, not at an installed one.
+        env={**os.environ, "KERAS_BACKEND": "tensorflow", "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=300,
@@ -83,6 +85,19 @@ def test_finetune_digits(tmp_path):
     assert re.search(r"frozen backbone \(0x\) +block1_conv 0 ", output)
     assert "block1_conv 0.125  block2_conv 0.25  block3_conv 0.5  head 1" in output
     assert_png(tmp_path / "finetune_digits.png")
+
+
+def test_finetune_digits_prints_the_same_table_twice(tmp_path):
+    # The README shows the table "as printed by the script": two runs must
+    # agree on every number but the time column, which measures the machine.
+    results = []
+    for run in ("first", "second"):
+        output = run_example("finetune_digits.py", "--fast", "--out", tmp_path / run)
+        rows = [line for line in output.splitlines() if line.startswith("|")]
+        assert rows[0].endswith("| train s/run |")
+        verdict = re.search(r"\nBest mean test accuracy: .*\n", output).group()
+        results.append(([row.rsplit("|", 2)[0] for row in rows], verdict))
+    assert results[0] == results[1]
 
 
 def test_finetune_pretrained(tmp_path):
