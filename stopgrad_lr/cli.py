@@ -415,7 +415,13 @@ def _rewritten(
             model, patterns, optimizer=optimizer, stop_at_zero=args.stop_at_zero
         )
     (decay,) = set(patterns.values())
-    return layerwise_decay(model, list(patterns), decay, on_bypass=on_bypass)
+    boundaries = list(patterns)
+    return layerwise_decay(
+        model,
+        "auto" if boundaries == ["auto"] else boundaries,
+        decay,
+        on_bypass=on_bypass,
+    )
 
 
 def _optimizer(name: str) -> keras.optimizers.Optimizer:
@@ -504,6 +510,7 @@ def _check_output(source: str, output: str, force: bool) -> str:
 def _load(path: str, unsafe: bool, verbose: bool) -> keras.Model:
     _check_input(path)
     keras = _import_keras(verbose)
+    _import_keras_hub_if_used(path)
     try:
         # Not compiled: a rewrite returns an uncompiled model anyway, and the
         # loss or optimizer may be custom objects this process cannot load.
@@ -512,6 +519,21 @@ def _load(path: str, unsafe: bool, verbose: bool) -> keras.Model:
         raise CommandError(_load_error(path, error)) from None
     _raise_if_signalled()
     return model
+
+
+def _import_keras_hub_if_used(path: str) -> None:
+    """keras-hub registers its layers and models with Keras when imported; a
+    file that holds them (a keras-hub backbone, or one rewritten by this
+    command) loads only after that. Imported only for such a file: it takes
+    seconds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            uses_keras_hub = b'"keras_hub' in archive.read("config.json")
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return  # load_model says what is wrong with the file
+    if uses_keras_hub:
+        with contextlib.suppress(ImportError):
+            import keras_hub  # noqa: F401
 
 
 def _load_error(path: str, error: BaseException) -> str:

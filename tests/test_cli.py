@@ -573,18 +573,56 @@ def test_the_on_bypass_choices_are_the_librarys():
 
 
 def test_a_model_that_already_holds_stopgrad_lr_layers(files, tmp_path, capsys):
-    # The rewrite itself is the library's to accept or refuse; the command
-    # must say what happened in one line, whichever it is.
+    # Multipliers are absolute: the library refuses a second pass over a
+    # model with scales and says how to start afresh; the command says so in
+    # one line, exit 2.
     tuned = tmp_path / "tuned.keras"
     assert run(capsys, "rewrite", files.mlp, tuned, "--scale", "block1=0.5")[0] == 0
     output = tmp_path / "out.keras"
-    code, out, err = run(capsys, "rewrite", tuned, output, "--multiplier", "block1=0.1")
-    if code == 0:
-        assert effective_multipliers(load(output))["block1"] == 0.1
-    else:
-        assert_error((code, out, err), status=code)
-        assert code in (cli.BAD_INPUT, cli.FAILURE)
-        assert not output.exists()
+    result = run(capsys, "rewrite", tuned, output, "--multiplier", "block1=0.1")
+    assert_error(result, "already holds", "strip_gradient_scales", status=2)
+    assert not output.exists()
+
+
+def test_keras_hub_backbone_files(tmp_path, capsys):
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=50,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
+    )
+    source, tuned, plain = (tmp_path / f"{n}.keras" for n in ("bert", "tuned", "plain"))
+    backbone.save(source)
+    # Subprocesses: the command must import keras-hub itself to read them.
+    result = run_command("inspect", source)
+    assert result.returncode == 0, result.stderr
+    assert "transformer_layer_1" in result.stdout
+    assert "TransformerEncoder" in result.stdout
+    result = run_command("rewrite", source, tuned, "--decay", "auto=0.5")
+    assert result.returncode == 0, result.stderr
+    result = run_command("strip", tuned, plain)
+    assert result.returncode == 0, result.stderr
+
+    data = {
+        "token_ids": np.arange(1, 9, dtype="int32")[None].repeat(2, 0),
+        "segment_ids": np.zeros((2, 8), "int32"),
+        "padding_mask": np.ones((2, 8), "int32"),
+    }
+    multipliers = effective_multipliers(load(tuned))
+    assert multipliers["transformer_layer_1"] == 0.5
+    assert multipliers["token_embedding"] == 0.5**4
+    expected = keras.tree.flatten(backbone(data))
+    for path in (tuned, plain):
+        got = keras.tree.flatten(load(path)(data))
+        assert all(
+            np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+            for a, b in zip(got, expected, strict=True)
+        )
+    assert not scale_layers(load(plain))
 
 
 # Start-up: --help without Keras; real errors still shown
