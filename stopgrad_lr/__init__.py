@@ -1,8 +1,9 @@
 """stopgrad_lr: per-block learning rates for Keras by scaling gradients in the graph."""
 
-from stopgrad_lr._callbacks import LRFinder, ScaleSchedule, find_lr
+from stopgrad_lr._callbacks import ScaleSchedule
 from stopgrad_lr._graph import SummaryRow, effective_multipliers, gradient_cuts, summary
 from stopgrad_lr._layers import GradientReversal, GradientScale, GradientStop
+from stopgrad_lr._lr_finder import LRFinder, find_lr
 from stopgrad_lr._ops import scale_gradient
 from stopgrad_lr._optimizers import (
     OptimizerMismatchWarning,
