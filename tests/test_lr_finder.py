@@ -17,6 +17,7 @@ from _backend import bits, to_numpy
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
 
+import stopgrad_lr
 from stopgrad_lr import GradientScale, LRFinder, find_lr
 
 BATCH, N_IN, N_HIDDEN, N_OUT = 8, 5, 4, 3
@@ -548,6 +549,19 @@ def test_diverge_factor_sets_where_the_sweep_stops():
     assert stops[1.5] < stops[100.0] < 200
 
 
+def ordered_state(model):
+    """Every variable of the model, its optimizer and its metrics, in order:
+    a second model's auto-generated names differ."""
+    variables = [*model.variables, *model.optimizer.variables, *model.metrics_variables]
+    return [(v.path, to_numpy(v).copy()) for v in variables]
+
+
+def assert_same_state(actual, expected):
+    assert len(actual) == len(expected)
+    for (path, value), (_, other) in zip(expected, actual, strict=True):
+        assert np.array_equal(bits(other), bits(value)), path
+
+
 def test_learning_rate_schedule_is_swept_and_put_back():
     x, y = regression_data(batches=8)
     trained = {}
@@ -576,6 +590,210 @@ def test_learning_rate_schedule_is_swept_and_put_back():
             )
             assert int(to_numpy(model.optimizer.iterations)) == 8
         model.fit(x, y, **fit)  # retraced: with the schedule again
-        trained[sweep] = variables_by_path(model.variables)
-    for path, value in trained[False].items():
-        assert np.array_equal(bits(trained[True][path]), bits(value)), path
+        trained[sweep] = ordered_state(model)
+    assert_same_state(trained[True], trained[False])
+
+
+# The restore guarantee: a fit after find_lr is the fit without it
+
+
+def block_model():
+    """Dense -> BatchNormalization -> Dropout -> "head": BN statistics and a
+    dropout seed are state too."""
+    inputs = keras.Input((N_IN,))
+    hidden = keras.layers.Dense(N_HIDDEN, name="backbone")(inputs)
+    hidden = keras.layers.BatchNormalization(name="norm")(hidden)
+    hidden = keras.layers.Dropout(0.25, name="drop")(hidden)
+    return keras.Model(inputs, keras.layers.Dense(N_OUT, name="head")(hidden))
+
+
+def sgd():
+    return keras.optimizers.SGD(0.05, momentum=0.9)
+
+
+# Each builds a compiled model from the same seed; stopgrad_lr's rewrites
+# (gradient scales, a stop, reparametrisation) and a MultiOptimizer.
+MODEL_KINDS = {
+    "plain": lambda: (block_model(), sgd()),
+    "scales": lambda: (
+        stopgrad_lr.apply_lr_multipliers(block_model(), {"backbone": 0.1}),
+        sgd(),
+    ),
+    "stop": lambda: (
+        stopgrad_lr.apply_lr_multipliers(block_model(), {"backbone": 0.0}),
+        sgd(),
+    ),
+    "reparametrized": lambda: (
+        stopgrad_lr.apply_lr_multipliers(
+            block_model(), {"backbone": 0.25}, optimizer=keras.optimizers.Adam()
+        ),
+        keras.optimizers.Adam(1e-2),
+    ),
+    "multi_optimizer": lambda: (
+        (model := block_model()),
+        stopgrad_lr.multi_optimizer(model, {"backbone": 0.1}, sgd()),
+    ),
+}
+
+
+def build(kind):
+    keras.utils.set_random_seed(0)
+    model, optimizer = MODEL_KINDS[kind]()
+    # No XLA: it compiles for seconds, and the guarantee does not depend on it.
+    model.compile(optimizer=optimizer, loss="mse", metrics=["mae"], jit_compile=False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param(
+            kind,
+            # A stop leaves the backbone without gradients, and Keras says so.
+            marks=pytest.mark.filterwarnings("ignore:Gradients do not exist")
+            if kind == "stop"
+            else (),
+        )
+        for kind in MODEL_KINDS
+    ],
+)
+def test_fit_after_find_lr_is_bit_identical_to_fit_without(kind):
+    x, y = data(steps=6)
+    results = {}
+    for sweep in (False, True):
+        # Same seed for both: a sweep that drew from the global random
+        # state (shuffling, dropout) would change the fit after it.
+        model = build(kind)
+        if sweep:
+            before = variables_by_path(model.variables)
+            finder = find_lr(
+                model,
+                x,
+                y,
+                batch_size=BATCH,
+                start_lr=1e-4,
+                end_lr=1.0,
+                num_steps=8,
+                diverge_factor=math.inf,
+            )
+            assert len(finder.lrs) == 8
+            after = variables_by_path(model.variables)
+            assert after.keys() == before.keys()
+            for path, value in before.items():
+                assert np.array_equal(bits(after[path]), bits(value)), path
+        model.fit(x, y, batch_size=BATCH, epochs=2, verbose=0)  # shuffled
+        results[sweep] = ordered_state(model)
+    assert_same_state(results[True], results[False])
+
+
+class GroupRates(keras.callbacks.Callback):
+    """After the finder: the rate each inner optimizer applies this batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        inner = self.model.optimizer
+        if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+            inner = inner.inner_optimizer
+        self.rates.append(
+            {o.name: float(to_numpy(o.learning_rate)) for o in inner.optimizers}
+        )
+
+
+@pytest.mark.parametrize("base", ["float", "schedule", "loss_scale"])
+def test_multi_optimizer_sweeps_the_base_rate_and_keeps_the_ratios(base):
+    keras.utils.set_random_seed(0)
+    model = block_model()
+    rate = (
+        keras.optimizers.schedules.ExponentialDecay(0.05, 10, 0.5)
+        if base == "schedule"
+        else 0.05
+    )
+    optimizer = keras.optimizers.SGD(rate)
+    if base == "loss_scale":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(
+        optimizer=stopgrad_lr.multi_optimizer(model, {"backbone": 0.1}, optimizer),
+        loss="mse",
+    )
+    rates = GroupRates()
+    x, y = data(steps=4)
+    finder = find_lr(
+        model,
+        x,
+        y,
+        batch_size=BATCH,
+        start_lr=1e-4,
+        end_lr=1e-2,
+        num_steps=5,
+        callbacks=[rates],
+    )
+    expected = np.geomspace(1e-4, 1e-2, 5)
+    for swept, by_group in zip(expected, rates.rates, strict=True):
+        assert by_group["sgd"] == pytest.approx(swept, rel=1e-6)
+        assert by_group["sgd_x0.1"] == pytest.approx(0.1 * swept, rel=1e-6)
+    np.testing.assert_allclose(finder.lrs, expected, rtol=1e-6)
+    # Put back: each group's own rate (or schedule) at step 0.
+    after = GroupRates()
+    after.set_model(model)
+    after.on_train_batch_begin(0)
+    assert after.rates[0] == {
+        "sgd": pytest.approx(0.05, rel=1e-7),
+        "sgd_x0.1": pytest.approx(0.005, rel=1e-7),
+    }
+
+
+# Bad input: a clear ValueError, and the model untouched
+
+
+def untouched_state(model):
+    optimizer = getattr(model, "optimizer", None)
+    return (
+        variables_by_path(model.variables),
+        None if optimizer is None else optimizer.built,
+        None if optimizer is None else int(to_numpy(optimizer.iterations)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("start >= end", "Received: end_lr=0.001"),
+        ("zero steps", "Received: num_steps=0"),
+        ("uncompiled", "needs a compiled model"),
+        ("smaller than a batch", "Expected at least batch_size=32 samples"),
+        ("0 samples", "Received: x with 0 samples"),
+        ("empty dataset", "Received: a dataset of 0 batches"),
+        ("plain-function rate", "is a plain function"),
+        ("bad mode", "Received: mode='log'"),
+    ],
+)
+def test_bad_input_raises_and_leaves_the_model_untouched(case, message):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    rate = (lambda: 0.01) if case == "plain-function rate" else 0.01
+    if case != "uncompiled":
+        model.compile(optimizer=keras.optimizers.SGD(rate), loss="mse")
+    x, y = regression_data(batches=8)
+    kwargs = {}
+    if case == "start >= end":
+        kwargs = dict(start_lr=1e-3, end_lr=1e-3)
+    elif case == "zero steps":
+        kwargs = dict(num_steps=0)
+    elif case == "smaller than a batch":
+        x, y = x[:10], y[:10]
+    elif case == "0 samples":
+        x, y = x[:0], y[:0]
+    elif case == "empty dataset":
+        x, y = Batches([]), None
+    elif case == "bad mode":
+        kwargs = dict(mode="log")
+    before = untouched_state(model)
+    with pytest.raises(ValueError, match=message):
+        find_lr(model, x, y, **kwargs)
+    after = untouched_state(model)
+    assert after[1:] == before[1:]
+    for path, value in before[0].items():
+        assert np.array_equal(bits(after[0][path]), bits(value)), path
+    assert getattr(model, "history", None) is None or not model.history.history
