@@ -19,9 +19,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SUGGESTION_METHODS = ("valley", "steepest", "min_div_10", "fastai_valley")
-# The fall into the minimum starts where the loss is last this close to the
-# top, as a fraction of the fall: noise below it cannot move the start.
-VALLEY_TOP = 0.1
 MODES = ("exponential", "linear")
 # `suggestion` needs this many recorded points: fewer say nothing about the
 # shape of the loss curve.
@@ -432,18 +429,44 @@ class LRFinder(keras.callbacks.Callback):
             self._schedules = []
             self.model.make_train_function(force=True)
 
-    def _points(self) -> tuple[np.ndarray, np.ndarray]:
-        count = len(self.smoothed_losses)
-        if count < MIN_POINTS or len(self.lrs) != count:
+    def curve(self) -> np.ndarray:
+        """The loss curve the suggestion rules read, one value per rate.
+
+        The recorded `losses` under a centred running median of
+        `2 * max(2, n // 25) + 1` points (fewer at the ends). Unlike the
+        moving average of `smoothed_losses`, which the divergence test needs
+        online, it does not lag behind the sweep: with the default
+        `beta=0.98` the average rests on about the last 50 batches, half of
+        a 100-step sweep, so its fall comes late and drawn out. The median
+        also shrugs off single spikes. A sweep that has `smoothed_losses`
+        but no `losses` (assigned by hand) is read as it is.
+
+        Returns:
+            A float64 NumPy array, as long as `lrs`.
+
+        Raises:
+            ValueError: If fewer than 5 points were recorded.
+        """
+        count = len(self.lrs)
+        raw = self.losses if len(self.losses) == count else self.smoothed_losses
+        if count < MIN_POINTS or len(raw) != count:
             raise ValueError(
-                f"Too few points to suggest a learning rate: {count} recorded, "
+                f"Too few points to suggest a learning rate: {len(raw)} recorded, "
                 f"at least {MIN_POINTS} needed. Run the sweep first (fit with "
                 "this callback, or stopgrad_lr.find_lr) over more steps; if the "
                 "loss diverged at once, lower start_lr."
             )
-        lrs = np.asarray(self.lrs, dtype="float64")
-        smoothed = np.asarray(self.smoothed_losses, dtype="float64")
-        return lrs, smoothed
+        values = np.asarray(raw, dtype="float64")
+        if raw is self.smoothed_losses:
+            return values
+        half = max(2, count // 25)
+        return np.array(
+            [np.median(values[max(0, i - half) : i + half + 1]) for i in range(count)]
+        )
+
+    def _points(self) -> tuple[np.ndarray, np.ndarray]:
+        curve = self.curve()
+        return np.asarray(self.lrs, dtype="float64"), curve
 
     @staticmethod
     def _kept(count: int) -> slice:
@@ -455,21 +478,22 @@ class LRFinder(keras.callbacks.Callback):
     def suggestion(self, method: str = "valley") -> float:
         """A learning rate read off the recorded sweep.
 
-        The rules, which read `lrs` and `smoothed_losses` (so they also work
-        on a sweep recorded earlier or assigned by hand):
+        The rules, which read `lrs` and `curve()` (so they also work on a
+        sweep recorded earlier or assigned by hand):
 
-        - `"valley"` (default): the rate halfway, in sweep steps, down the
-          fall into the minimum of the smoothed loss, from the last point
-          still within a tenth of the fall from the top to the minimum.
-          Use it first: fastai's valley idea, made robust to noise.
-        - `"steepest"`: the rate of the most negative slope of the smoothed
-          loss against `log10(lr)`, each slope a least-squares fit over a
+        - `"valley"` (default): the last rate, before the minimum of the
+          loss curve, at which the curve is still above the level halfway
+          down (on a log scale) from its top to that minimum,
+          `sqrt(top * minimum)`. Use it first: noise far smaller than the
+          fall cannot move a level crossing much.
+        - `"steepest"`: the rate of the most negative slope of the loss
+          curve against `log10(lr)`, each slope a least-squares fit over a
           window of `2 * max(1, n // 20) + 1` points. Use it on a clean
           curve with one clear drop; it sits at the fastest fall.
-        - `"min_div_10"`: the rate of the lowest smoothed loss, divided by
+        - `"min_div_10"`: the rate of the lowest loss of the curve, divided by
           10. Conservative; use it when the loss falls until it diverges.
         - `"fastai_valley"`: fastai's valley as published, halfway through
-          the longest strictly decreasing subsequence of the smoothed loss.
+          the longest strictly decreasing subsequence of the loss curve.
           For comparison: noise on a long plateau lengthens that
           subsequence to the left, so it can land on the plateau.
 
@@ -501,7 +525,7 @@ class LRFinder(keras.callbacks.Callback):
             return float(lrs[_valley_index(smoothed)])
         if method == "fastai_valley":
             return float(lrs[_longest_descent_index(smoothed)])
-        window = max(1, len(self.smoothed_losses) // 20)
+        window = max(1, len(self.lrs) // 20)
         slopes = _window_slopes(np.log10(lrs), smoothed, window)
         return float(lrs[np.argmin(slopes)])
 
@@ -523,7 +547,10 @@ class LRFinder(keras.callbacks.Callback):
         ax: Axes | None = None,
         method: str | Sequence[str] | None = SUGGESTION_METHODS,
     ) -> Figure:
-        """Plots the smoothed loss against the learning rate, on a log scale.
+        """Plots the loss against the learning rate, on a log scale.
+
+        It draws the curve the rules read (`curve()`), over the recorded
+        batch losses in a lighter line when there are any.
 
         Needs matplotlib, which is imported only here.
 
@@ -549,7 +576,12 @@ class LRFinder(keras.callbacks.Callback):
         suggested = {name: self.suggestion(name) for name in methods}
         if ax is None:
             _, ax = plt.subplots()
-        ax.plot(self.lrs, self.smoothed_losses, label="smoothed loss")
+        curve = self.curve() if len(self.lrs) >= MIN_POINTS else self.smoothed_losses
+        if len(self.losses) == len(self.lrs) and self.losses:
+            ax.plot(self.lrs, curve, label="loss, running median")
+            ax.plot(self.lrs, self.losses, color="tab:blue", alpha=0.3, label="loss")
+        else:
+            ax.plot(self.lrs, curve, label="smoothed loss")
         for name, rate in suggested.items():
             ax.axvline(
                 rate,
@@ -566,14 +598,13 @@ class LRFinder(keras.callbacks.Callback):
 
 
 def _valley_index(values: np.ndarray) -> int:
-    """The index halfway between the start of the fall into the minimum of
-    `values` (the last point before the minimum that is still within a
-    tenth of the fall from the top) and the minimum."""
+    """The last index before the minimum of `values` where they are still
+    above the level halfway down from their top (before the minimum) to the
+    minimum, on a log scale: `sqrt(top * minimum)` for a positive loss."""
     bottom = int(np.argmin(values))
-    top = values[: bottom + 1].max()
-    threshold = values[bottom] + (1.0 - VALLEY_TOP) * (top - values[bottom])
-    start = int(np.flatnonzero(values[: bottom + 1] >= threshold)[-1])
-    return start + (bottom - start) // 2
+    top, low = values[: bottom + 1].max(), values[bottom]
+    level = math.sqrt(top * low) if low > 0 else (top + low) / 2
+    return int(np.flatnonzero(values[: bottom + 1] >= level)[-1])
 
 
 def _longest_descent_index(values: np.ndarray) -> int:

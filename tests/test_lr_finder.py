@@ -422,12 +422,13 @@ def test_rules_find_the_known_answer_on_a_noisy_curve(seed):
     # The lowest point lies in the wall's foot, in [10**-1.4, 10**-1.0].
     minimum = math.log10(finder.suggestion("min_div_10") * 10)
     assert -1.4 <= minimum <= -1.0
-    # The valley: halfway (in points) from the fall's start, where a tenth
-    # of the fall is done (10**(-2 - 0.25 ln 9)), to the lowest point.
-    start = -2.0 - 0.25 * math.log(9)
-    assert abs(math.log10(finder.suggestion("valley")) - (start + minimum) / 2) <= (
-        2 * step + 1e-9
-    )
+    # The valley: the last point above sqrt(top * minimum) on the way down.
+    # Top 1 (the plateau) and minimum 0.1 (nearly the logistic's floor):
+    # 1 - 0.9 s = sqrt(0.1) at s = (1 - sqrt(0.1)) / 0.9, the logistic's
+    # value at 10**(-2 + 0.25 ln(s / (1 - s))).
+    fall = (1 - math.sqrt(0.1)) / 0.9
+    crossing = -2.0 + 0.25 * math.log(fall / (1 - fall))
+    assert abs(math.log10(finder.suggestion("valley")) - crossing) <= 2 * step
     assert finder.suggestions() == {
         "valley": finder.suggestion("valley"),
         "steepest": finder.suggestion("steepest"),
@@ -458,10 +459,10 @@ def test_fastai_valley_is_halfway_through_the_longest_descent():
     finder.lrs = [float(2.0**k) for k in range(20)]
     finder.smoothed_losses = [float(v) for v in smoothed]
     assert finder.suggestion("fastai_valley") == finder.lrs[4 + (14 - 4) // 2]
-    # The valley: the top before the minimum (index 14, 0.5) is 5.0 at index
-    # 4, the last point within a tenth of the fall from it (>= 4.55) is
-    # index 4 too: halfway is index 9.
-    assert finder.suggestion("valley") == finder.suggestion() == finder.lrs[9]
+    # The valley: the top before the minimum (0.5 at index 14) is 5.0, so
+    # the level is sqrt(2.5) = 1.58; the last point above it before the
+    # minimum is index 11 (2.0; index 12 holds 1.5).
+    assert finder.suggestion("valley") == finder.suggestion() == finder.lrs[11]
 
 
 def test_fastai_valley_lands_on_a_noisy_plateau_where_valley_does_not():
