@@ -774,7 +774,7 @@ def find_lr(
         >>> 1e-4 <= finder.suggestion() <= 1.0
         True
         >>> sorted(finder.suggestions())
-        ['min_div_10', 'steepest', 'valley']
+        ['fastai_valley', 'min_div_10', 'steepest', 'valley']
         >>> round(float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)), 6)
         0.01
     """
