@@ -235,17 +235,17 @@ def measured_run(
 
 PROBLEMS: dict[str, tuple[str, Callable[[int], Run]]] = {
     "least squares": (
-        "linear least squares: 4096 x 4, eigenvalues 32, 4, 1, 0.25; SGD",
+        "Linear least squares, 4096 x 4, eigenvalues 32, 4, 1, 0.25; SGD",
         least_squares_run,
     ),
     "digits CNN": (
-        "the digits CNN of examples/finetune_digits.py, digits 0-4, 600 "
+        "The digits CNN of examples/finetune_digits.py, digits 0-4, 600 "
         "training images; SGD, momentum 0.9",
         digits_run,
     ),
     "transformer": (
-        "a one-block transformer encoder naming the majority token, 2048 "
-        "sequences; Adam",
+        "A one-block transformer encoder naming the majority token of 12, "
+        "1024 training sequences; Adam",
         transformer_run,
     ),
 }
