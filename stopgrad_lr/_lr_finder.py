@@ -717,7 +717,10 @@ def find_lr(
     bit-identical weights to the same `fit` without the sweep. Array inputs
     are shuffled (unless `shuffle=False`) by a generator of its own, seeded
     by `seed`, so the sweep draws nothing from the global random state
-    either. Only the base learning rate is swept: blocks behind
+    either. (On JAX and torch the order in which `fit` itself shuffles
+    arrays depends on the fits that ran before, even unshuffled ones, so
+    there the guarantee covers a later `fit` with `shuffle=False` or
+    pre-shuffled data.) Only the base learning rate is swept: blocks behind
     `GradientScale` layers sweep at their scaled rates, and the groups of a
     `MultiOptimizer` (`stopgrad_lr.multi_optimizer`) keep their ratios to
     the base rate. Every argument is checked before the model is touched.
