@@ -173,7 +173,8 @@ class LRFinder(keras.callbacks.Callback):
     The divergence test assumes a positive loss.
 
     When training starts, the callback snapshots the model's variables
-    (weights, BatchNormalization statistics, random seeds), its metrics'
+    (weights, BatchNormalization statistics, random seeds; on torch also
+    the global generator that unseeded dropout draws from), its metrics'
     state and all of the optimizer's variables, including its step count
     and learning rate (it builds the optimizer first if `fit` has not yet);
     when training ends it restores them exactly, and puts back a
@@ -302,6 +303,7 @@ class LRFinder(keras.callbacks.Callback):
         self._saved: list[tuple[Any, np.ndarray]] | None = None
         self._groups: list[tuple[Any, float]] = []
         self._schedules: list[tuple[Any, Any]] = []
+        self._torch_rng: Any = None
 
     def __repr__(self) -> str:
         return (
@@ -341,6 +343,13 @@ class LRFinder(keras.callbacks.Callback):
             (variable, np.array(keras.ops.convert_to_numpy(variable), copy=True))
             for variable in variables.values()
         ]
+        self._torch_rng = None
+        if keras.backend.backend() == "torch":
+            # An unseeded Dropout on torch draws from torch's global
+            # generator, not from a Keras seed variable.
+            import torch
+
+            self._torch_rng = torch.get_rng_state()
         self._groups = groups
         self._schedules = []
         for group, ratio in groups:
@@ -423,6 +432,11 @@ class LRFinder(keras.callbacks.Callback):
         for variable, value in self._saved:
             variable.assign(value)
         self._saved = None
+        if self._torch_rng is not None:
+            import torch
+
+            torch.set_rng_state(self._torch_rng)
+            self._torch_rng = None
         for group, schedule in self._schedules:
             group.learning_rate = schedule
         if self._schedules:
