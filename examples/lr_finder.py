@@ -8,15 +8,15 @@ puts the weights and the optimizer state back afterwards, so the model is
 ready to train for real. On a model with gradient scales it sweeps the base
 rate; the scaled blocks sweep along at their multiples of it.
 
-This script runs the test on scikit-learn's digits, prints both suggestion
-rules (`"steepest"`: steepest descent of the smoothed loss; `"min_div_10"`:
-the rate at the lowest loss, divided by 10), saves the plot, and then trains
-at both suggestions and on a coarse grid, to see whether they are any good.
-The sweep is short and noisy and the rules are rules of thumb. Here, with
-momentum SGD, the steepest-descent rule lands just below the rate where the
-loss turns up, too high for ten epochs (held-out accuracy 0.60), while the
-minimum/10 rule beats every rate of the grid (0.91). Treat a suggestion as
-the centre of a small sweep, not as the answer.
+This script runs the test on scikit-learn's digits, prints every suggestion
+rule (`finder.suggestions()`: `valley`, the default, halfway down the fall
+of the loss; `steepest`, the steepest fall over a window; `min_div_10`, the
+rate at the lowest loss divided by 10; `fastai_valley`, fastai's rule as
+published), saves the plot with each marked, and then trains at each
+suggestion and on a coarse grid, to see whether they are any good. The
+rules are rules of thumb; `docs/lr-finder.md` measures them against known
+answers. Treat a suggestion as the centre of a small sweep, not as the
+answer.
 
 Run it with `python examples/lr_finder.py [--out DIR] [--fast]`.
 """
@@ -78,16 +78,13 @@ def main():
     restored = all(
         np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True)
     )
-    suggestions = {
-        "steepest": finder.suggestion("steepest"),
-        "min_div_10": finder.suggestion("min_div_10"),
-    }
+    suggestions = finder.suggestions()
     print(
         f"Swept {len(finder.lrs)} batches from {finder.lrs[0]:.1e} to "
         f"{finder.lrs[-1]:.1e} (it stops early if the loss diverges)."
     )
     for rule, rate in suggestions.items():
-        print(f"Suggestion, {rule + ':':<12} {rate:.3g}")
+        print(f"Suggestion, {rule + ':':<15} {rate:.3g}")
     print(f"Weights restored after the sweep: {restored}")
 
     figure = Figure(figsize=(6, 4), layout="constrained")
@@ -107,7 +104,7 @@ def main():
         trained = build_model(rate)
         trained.fit(x_train, y_train, batch_size=32, epochs=epochs, verbose=0)
         _, accuracy = trained.evaluate(x_test, y_test, verbose=0)
-        print(f"  {label:<22} lr {rate:<8.3g} held-out accuracy {accuracy:.3f}")
+        print(f"  {label:<25} lr {rate:<8.3g} held-out accuracy {accuracy:.3f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import ModuleType
 
-    from stopgrad_lr._callbacks import LRFinder, ScaleSchedule, find_lr
+    from stopgrad_lr._callbacks import ScaleSchedule
     from stopgrad_lr._graph import (
         SummaryRow,
         effective_multipliers,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         summary,
     )
     from stopgrad_lr._layers import GradientReversal, GradientScale, GradientStop
+    from stopgrad_lr._lr_finder import LRFinder, find_lr
     from stopgrad_lr._ops import scale_gradient
     from stopgrad_lr._optimizers import (
         OptimizerMismatchWarning,
@@ -48,7 +49,7 @@ __version__ = "0.1.0"
 
 # Each public name and the private module that defines it.
 _MODULES = {
-    "stopgrad_lr._callbacks": ("LRFinder", "ScaleSchedule", "find_lr"),
+    "stopgrad_lr._callbacks": ("ScaleSchedule",),
     "stopgrad_lr._graph": (
         "SummaryRow",
         "effective_multipliers",
@@ -56,6 +57,7 @@ _MODULES = {
         "summary",
     ),
     "stopgrad_lr._layers": ("GradientReversal", "GradientScale", "GradientStop"),
+    "stopgrad_lr._lr_finder": ("LRFinder", "find_lr"),
     "stopgrad_lr._ops": ("scale_gradient",),
     "stopgrad_lr._optimizers": (
         "OptimizerMismatchWarning",

@@ -143,6 +143,6 @@ def test_lr_finder(tmp_path):
     output = run_example("lr_finder.py", "--fast", "--out", tmp_path)
     assert "Weights restored after the sweep: True" in output
     suggestions = re.findall(r"Suggestion, \w+: +([\d.e+-]+)", output)
-    assert len(suggestions) == 2
+    assert len(suggestions) == 4  # valley, steepest, min_div_10, fastai_valley
     assert all(1e-4 <= float(value) <= 10.0 for value in suggestions)
     assert_png(tmp_path / "lr_finder.png")
