@@ -17,6 +17,7 @@ from stopgrad_lr._rewrite import (
     apply_lr_multipliers,
     insert_gradient_scales,
     layerwise_decay,
+    layerwise_decay_multipliers,
     strip_gradient_scales,
 )
 from stopgrad_lr._schedules import dann_ramp, gradual_unfreeze, linear_warmup
@@ -44,6 +45,7 @@ __all__ = [
     "gradual_unfreeze",
     "insert_gradient_scales",
     "layerwise_decay",
+    "layerwise_decay_multipliers",
     "linear_warmup",
     "multi_optimizer",
     "plot_multipliers",
