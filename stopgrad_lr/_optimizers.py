@@ -457,11 +457,11 @@ class _Owners:
         # Groups of another class are other optimizers, not a multiplier.
         if default is None or owner is default or type(owner) is not type(default):
             return 1.0
-        rate, default = (
+        rate, base = (
             float(keras.ops.convert_to_numpy(group.learning_rate))
-            for group in (owner, self.map.default_optimizer)
+            for group in (owner, default)
         )
-        return float(f"{rate / default:.6g}") if default else math.nan
+        return float(f"{rate / base:.6g}") if base else math.nan
 
     def label(self, owner: Any) -> str:
         name = describe_optimizer(owner)
