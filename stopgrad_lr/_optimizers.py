@@ -827,7 +827,11 @@ def _group_copy(
     """A fresh copy of `optimizer` (same class and settings, no state) whose
     learning rate or schedule is multiplied by `factor` and weight decay by
     `weight_decay_factor`."""
-    config = optimizer.get_config()
+    with warnings.catch_warnings():
+        # Keras warns that a lambda learning rate is unsafe to save; the
+        # error below says what to do instead.
+        warnings.filterwarnings("ignore", message="The object being serialized")
+        config = optimizer.get_config()
     rate = config["learning_rate"]
     if isinstance(rate, dict) and rate.get("class_name") in _FUNCTION_CLASS_NAMES:
         function = rate.get("config") if rate["class_name"] == "function" else None

@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from stopgrad_lr import layerwise_decay_multipliers, multi_optimizer
+import stopgrad_lr
+from stopgrad_lr import check_optimizer, layerwise_decay_multipliers, multi_optimizer
 
 tf = pytest.importorskip("tensorflow")
 if keras.backend.backend() != "tensorflow":
@@ -305,3 +306,179 @@ def test_the_base_optimizers_exclusions_are_kept_in_every_group():
     # What the code did before: every group decayed the biases. They start
     # at zero, so decay moves them little, but far more than the tolerance.
     assert all_decayed > 10 * UPDATE_RTOL
+
+
+# Keras's learning-rate callbacks, with and without a LossScaleOptimizer -----------
+
+
+def small_mlp():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu", name="block1")(inputs)
+    hidden = keras.layers.Dense(8, activation="relu", name="block2")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    x = RNG.standard_normal((8, 6)).astype("float32")
+    return model, x, RNG.standard_normal((8, 3)).astype("float32")
+
+
+class GroupRates(keras.callbacks.Callback):
+    """Records every group's learning rate at the start of each epoch, after
+    the schedulers (which come first in the callback list) have set it."""
+
+    def __init__(self):
+        super().__init__()
+        self.rates = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.rates.append(group_rates(self.model.optimizer))
+
+    def on_train_end(self, logs=None):
+        self.rates.append(group_rates(self.model.optimizer))
+
+
+def group_rates(optimizer):
+    if isinstance(optimizer, OPT.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return {
+        group.name: float(keras.ops.convert_to_numpy(group.learning_rate))
+        for group in optimizer.optimizers
+    }
+
+
+def wrapped(base, loss_scale):
+    return OPT.LossScaleOptimizer(base) if loss_scale else base
+
+
+@pytest.mark.parametrize("loss_scale", [False, True], ids=["plain", "loss_scale"])
+def test_learning_rate_scheduler_halves_every_group_at_epoch_2(loss_scale):
+    model, x, y = small_mlp()
+    optimizer = multi_optimizer(
+        model, {"block1": 0.25, "block2": 0.5}, wrapped(OPT.AdamW(1e-3), loss_scale)
+    )
+    assert hasattr(optimizer, "optimizers")
+    model.compile(optimizer, "mse", jit_compile=False)
+    halve = keras.callbacks.LearningRateScheduler(
+        lambda epoch, rate: rate * 0.5 if epoch == 2 else rate
+    )
+    recorder = GroupRates()
+    model.fit(x, y, epochs=4, verbose=0, callbacks=[halve, recorder])
+    first, *_ = recorder.rates
+    assert first == pytest.approx(
+        {"adam_w": 1e-3, "adam_w_x0.25": 2.5e-4, "adam_w_x0.5": 5e-4}, rel=1e-6
+    )
+    for epoch in range(1, 4):
+        before, after = recorder.rates[epoch - 1], recorder.rates[epoch]
+        expected = 0.5 if epoch == 2 else 1.0
+        assert {name: after[name] / before[name] for name in before} == {
+            name: expected for name in before
+        }
+
+
+@pytest.mark.parametrize("loss_scale", [False, True], ids=["plain", "loss_scale"])
+def test_reduce_lr_on_plateau_reduces_every_group(loss_scale):
+    model, x, y = small_mlp()
+    optimizer = multi_optimizer(
+        model, {"block1": 0.25}, wrapped(OPT.SGD(0.01), loss_scale)
+    )
+    model.compile(optimizer, "mse", jit_compile=False)
+    # No epoch improves by 1e9: the rate is reduced after every second epoch.
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        "loss", factor=0.5, patience=1, min_delta=1e9
+    )
+    recorder = GroupRates()
+    history = model.fit(x, y, epochs=2, verbose=0, callbacks=[plateau, recorder])
+    start, end = recorder.rates[0], recorder.rates[-1]
+    assert {name: end[name] / start[name] for name in start} == {
+        "sgd": 0.5,
+        "sgd_x0.25": 0.5,
+    }
+    assert history.history["learning_rate_sgd_x0.25"] == pytest.approx([2.5e-3] * 2)
+
+
+def test_mixed_precision_gives_a_loss_scale_optimizer_that_shows_its_groups(tmp_path):
+    keras.config.set_dtype_policy("mixed_float16")
+    model, x, y = small_mlp()
+    optimizer = multi_optimizer(model, {"block1": 0.5}, OPT.Adam(1e-3))
+    assert isinstance(optimizer, OPT.LossScaleOptimizer)
+    assert sorted(group.name for group in optimizer.optimizers) == ["adam", "adam_x0.5"]
+    model.compile(optimizer, "mse", jit_compile=False)
+    assert model.optimizer is optimizer  # compile did not wrap it again
+    model.train_on_batch(x, y)
+    path = tmp_path / "mixed.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert type(loaded.optimizer) is type(optimizer)
+    assert group_rates(loaded.optimizer) == group_rates(optimizer)
+
+
+# check_optimizer understands the MultiOptimizers built here -------------------------
+
+
+def test_check_optimizer_reads_each_group_of_a_multi_optimizer():
+    model, _, _ = small_mlp()
+    sgd_groups = multi_optimizer(model, {"block1": 0.1}, OPT.SGD(0.1, momentum=0.9))
+    assert check_optimizer(sgd_groups).ok
+    report = check_optimizer(multi_optimizer(model, {"block1": 0.1}, OPT.Adam()))
+    assert not report and report.recommended == "multi_optimizer"
+    assert all("in the MultiOptimizer, group" in p for p in report.problems)
+    assert not any("apply_lr_multipliers" in p for p in report.problems)
+
+
+def test_gradient_scales_and_multi_optimizer_groups_compound_and_are_reported():
+    model, x, y = small_mlp()
+    decayed = stopgrad_lr.layerwise_decay(model, "block*", 0.5)
+    optimizer = multi_optimizer(
+        model, layerwise_decay_multipliers(model, "block*", 0.5), OPT.SGD(0.1)
+    )
+    report = check_optimizer(optimizer, decayed)
+    (problem,) = report.problems
+    assert "'block1' (multiplier 0.25 x 0.25 = 0.0625)" in problem
+    assert "strip_gradient_scales" in problem
+    decayed.compile(optimizer, "mse", jit_compile=False)
+    with pytest.warns(stopgrad_lr.OptimizerMismatchWarning, match="multiply"):
+        decayed.train_on_batch(x, y)
+    # The same scales with a MultiOptimizer of plain rates: fine.
+    plain = multi_optimizer(model, {}, OPT.SGD(0.1))
+    assert check_optimizer(plain, decayed).ok
+
+
+# Variable patterns ------------------------------------------------------------------
+
+
+def test_the_most_specific_pattern_wins_and_equal_kinds_must_agree():
+    model, _, _ = small_mlp()
+    optimizer = multi_optimizer(
+        model, {"block*": 0.5, "@bias": 2.0, "block1/bias": 3.0}, OPT.SGD(1.0)
+    )
+    by_variable = {
+        v.path: optimizer._optimizer_map(v) for v in model.trainable_variables
+    }
+    rates = {path: float(group.learning_rate) for path, group in by_variable.items()}
+    assert rates == {
+        "block1/kernel": 0.5,
+        "block1/bias": 3.0,
+        "block2/kernel": 0.5,
+        "block2/bias": 2.0,
+        "head/kernel": 1.0,
+        "head/bias": 2.0,
+    }
+    with pytest.raises(ValueError, match=r"Variable 'block1/bias' is selected by"):
+        multi_optimizer(model, {"*/bias": 2.0, "block1/bias": 3.0}, OPT.SGD())
+    with pytest.raises(ValueError, match=r"kind selectors \['@bias'"):
+        multi_optimizer(model, {"@biases": 0.0}, OPT.SGD())
+    with pytest.raises(ValueError, match=r"matched no layer .* and no variable"):
+        multi_optimizer(model, {"head/kernal": 0.0}, OPT.SGD())
+
+
+@pytest.mark.parametrize("pattern", ["head/bias", "*/bias", "@norm"])
+def test_graph_mechanisms_point_variable_patterns_to_multi_optimizer(pattern):
+    model, _, _ = small_mlp()
+    with pytest.raises(
+        ValueError, match=r"looks like a variable pattern.*multi_optimizer"
+    ):
+        stopgrad_lr.apply_lr_multipliers(model, {pattern: 0.1})
+
+
+def test_weight_decay_multipliers_need_a_weight_decay():
+    model, _, _ = small_mlp()
+    with pytest.raises(ValueError, match=r"Set weight_decay on the base optimizer"):
+        multi_optimizer(model, {}, OPT.Adam(), weight_decay_multipliers={"@bias": 0})
