@@ -540,7 +540,9 @@ def _problems(item: _Scaled, owner: Any, factor: float = 1.0) -> Iterator[str]:
         yield _WRONG_RULE
     else:
         works = True
-    if works and not item.stopped and m != 0.0 and factor != 1.0:
+    # Without a model (a nan placeholder) nothing is known to compound.
+    known = m != 0.0 and not math.isnan(m)
+    if works and not item.stopped and known and factor != 1.0:
         yield _COMPOUND
     if not item.stopped:
         for setting, _ in _settings(owner):
