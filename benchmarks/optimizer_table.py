@@ -617,7 +617,7 @@ Its patterns also select single variables (`"head/bias"`, `"@bias"`,
 AdamW fine-tuning with layer-wise decay and no weight decay on biases and
 normalisation parameters is `multi_optimizer(model,
 layerwise_decay_multipliers(model, "block*_out", 0.75), AdamW(1e-3,
-weight_decay=0.05), weight_decay_multipliers={"@bias": 0, "@norm": 0})`
+weight_decay=0.05), weight_decay_multipliers={{"@bias": 0, "@norm": 0}})`
 (see the cookbook).
 
 This page measures every optimizer in `keras.optimizers` against that
