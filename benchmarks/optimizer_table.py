@@ -612,6 +612,13 @@ and which one works depends on the optimizer:
 Where neither works, `stopgrad_lr.multi_optimizer(model, multipliers,
 optimizer)` builds a `keras.optimizers.MultiOptimizer` that gives each group
 its own copy of the optimizer, with the learning rate multiplied.
+Its patterns also select single variables (`"head/bias"`, `"@bias"`,
+`"@norm"`), and `weight_decay_multipliers` sets each group's weight decay:
+AdamW fine-tuning with layer-wise decay and no weight decay on biases and
+normalisation parameters is `multi_optimizer(model,
+layerwise_decay_multipliers(model, "block*_out", 0.75), AdamW(1e-3,
+weight_decay=0.05), weight_decay_multipliers={{"@bias": 0, "@norm": 0}})`
+(see the cookbook).
 
 This page measures every optimizer in `keras.optimizers` against that
 reference. Measured on {date} on {machine}.

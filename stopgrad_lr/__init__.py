@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         apply_lr_multipliers,
         insert_gradient_scales,
         layerwise_decay,
+        layerwise_decay_multipliers,
         strip_gradient_scales,
     )
     from stopgrad_lr._schedules import dann_ramp, gradual_unfreeze, linear_warmup
@@ -72,6 +73,7 @@ _MODULES = {
         "apply_lr_multipliers",
         "insert_gradient_scales",
         "layerwise_decay",
+        "layerwise_decay_multipliers",
         "strip_gradient_scales",
     ),
     "stopgrad_lr._schedules": ("dann_ramp", "gradual_unfreeze", "linear_warmup"),
@@ -99,6 +101,7 @@ __all__ = [
     "gradual_unfreeze",
     "insert_gradient_scales",
     "layerwise_decay",
+    "layerwise_decay_multipliers",
     "linear_warmup",
     "multi_optimizer",
     "plot_multipliers",

@@ -42,7 +42,8 @@ from stopgrad_lr._reparam import (
     UPDATE_RULES,
     ParameterScale,
 )
-from stopgrad_lr._surgery import candidates, match_multipliers
+from stopgrad_lr._surgery import validate_multiplier
+from stopgrad_lr._variables import select, sites
 
 # The third kind: an optimizer for which neither mechanism is a multiplier.
 NEITHER = "neither"
@@ -258,13 +259,19 @@ def choose_mechanism(
     if chosen == "multi_optimizer":
         reasons = [f"it {how}"] if kind not in UPDATE_RULES else []
         reasons += [f"{setting} {why}" for setting, why in _settings(optimizer)]
+        # Offer only what `mechanism=` then accepts: a reparametrisation
+        # needs an output scale rule for the optimizer.
+        accepted = (
+            "mechanism='gradient_scale' or 'reparametrize'"
+            if kind in UPDATE_RULES
+            else "mechanism='gradient_scale'"
+        )
         raise ValueError(
             f"mechanism='auto' found no mechanism that gives these multipliers "
             f"with {name}: {'; '.join(reasons)}. Use "
             f"`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)` to "
-            f"give each group its own optimizer, or pass "
-            f"mechanism='gradient_scale' or 'reparametrize' to accept the "
-            f"difference (a warning says what it is)."
+            f"give each group its own optimizer, or pass {accepted} to accept "
+            f"the difference (a warning says what it is)."
         )
     return chosen, kind
 
@@ -283,12 +290,20 @@ class OptimizerReport:
             multipliers and how to fix it.
         recommended: The mechanism that works with this optimizer:
             `"gradient_scale"`, `"reparametrize"` or `"multi_optimizer"`.
+
+    The report's truth value is `ok`, so `if not report: print(report)`
+    reads as it should.
     """
 
     optimizer: str
     ok: bool
     problems: list[str]
     recommended: str
+
+    def __bool__(self) -> bool:
+        """`report.ok`, so that `if check_optimizer(optimizer, model):` reads
+        as it should."""
+        return self.ok
 
     def __str__(self) -> str:
         if self.ok:
@@ -371,6 +386,13 @@ def check_optimizer(optimizer: Any, model: Any = None) -> OptimizerReport:
             f"Invalid value received for argument `optimizer`. Expected a "
             f"keras.optimizers.Optimizer. Received: optimizer={optimizer!r}"
         )
+    if model is not None and not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Invalid value received for argument `model`. Expected the "
+            f"keras.Model whose stopgrad_lr layers to check (pass a layer's "
+            f"model, not the layer), or None to ask about the optimizer alone. "
+            f"Received: model={model!r} of type {type(model).__name__}"
+        )
     inner = _unwrap(optimizer)
     recommended = (
         "multi_optimizer"
@@ -384,13 +406,12 @@ def check_optimizer(optimizer: Any, model: Any = None) -> OptimizerReport:
     owners = _Owners(inner)
     groups: dict[tuple[str, int], tuple[Any, str, list[_Scaled]]] = {}
     for item in scaled:
-        owner = owners.of(item.layer)
-        for problem in _problems(item, owner):
-            groups.setdefault((problem, id(owner)), (owner, problem, []))[2].append(
-                item
-            )
+        for owner in owners.of(item.layer):
+            for problem in _problems(item, owner, owners.factor(owner)):
+                key = (problem, id(owner))
+                groups.setdefault(key, (owner, problem, []))[2].append(item)
     sentences = [
-        _sentence(problem, owner, items, owners.label(owner))
+        _sentence(problem, owner, items, owners)
         for owner, problem, items in groups.values()
     ]
     return OptimizerReport(
@@ -399,8 +420,9 @@ def check_optimizer(optimizer: Any, model: Any = None) -> OptimizerReport:
 
 
 class _Owners:
-    """The optimizer that updates a layer: the optimizer itself, or for a
-    MultiOptimizer the sub-optimizer that its variables map to."""
+    """The optimizers that update a layer: the optimizer itself, or for a
+    MultiOptimizer the group optimizers that its variables map to (a
+    `stopgrad_lr.multi_optimizer` may put a kernel and a bias apart)."""
 
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
@@ -412,14 +434,40 @@ class _Owners:
             if isinstance(config, dict) and config.get("class_name") == "OptimizerMap":
                 self.map = keras.saving.deserialize_keras_object(config)
 
-    def of(self, layer: Any) -> Any:
-        if self.map is None or layer is None or not layer.trainable_variables:
-            return self.optimizer
-        return self.map[layer.trainable_variables[0].path]
+    def of(self, layer: Any) -> list[Any]:
+        if self.map is None:
+            return [self.optimizer]
+        if layer is None:  # no model: every group
+            return [*self.map.values(), self.map.default_optimizer]
+        found = {}
+        for variable in layer.trainable_variables:
+            owner = self.map[variable.path]
+            found[id(owner)] = owner
+        return list(found.values()) or [self.optimizer]
+
+    @property
+    def in_multi(self) -> bool:
+        return self.map is not None
+
+    def factor(self, owner: Any) -> float:
+        """The group's learning rate over the default group's, now: the
+        multiplier that a `multi_optimizer` group gives its variables (1.0
+        for a group of another class than the default)."""
+        default = self.map.default_optimizer if self.map is not None else None
+        # Groups of another class are other optimizers, not a multiplier.
+        if default is None or owner is default or type(owner) is not type(default):
+            return 1.0
+        rate, base = (
+            float(keras.ops.convert_to_numpy(group.learning_rate))
+            for group in (owner, default)
+        )
+        return float(f"{rate / base:.6g}") if base else math.nan
 
     def label(self, owner: Any) -> str:
         name = describe_optimizer(owner)
-        return name if owner is self.optimizer else f"{name} (in the MultiOptimizer)"
+        if owner is self.optimizer:
+            return name
+        return f"{name} (in the MultiOptimizer, group {owner.name!r})"
 
 
 def _scaled_layers(model: Any) -> Iterator[_Scaled]:
@@ -467,13 +515,16 @@ def _stopped_nodes(graph: Graph) -> set[int]:
 
 # The kinds of problem that are not an optimizer setting.
 _CANCELLED, _WRONG_RULE, _REGULARIZER = "cancelled", "wrong_rule", "regularizer"
+_COMPOUND = "compound"
 
 
-def _problems(item: _Scaled, owner: Any) -> Iterator[str]:
-    """The problems of one scaled layer under the optimizer that updates it:
-    a kind above, or an optimizer setting such as `"weight_decay=0.004"`."""
+def _problems(item: _Scaled, owner: Any, factor: float = 1.0) -> Iterator[str]:
+    """The problems of one scaled layer under the optimizer that updates it
+    (a MultiOptimizer group whose rate is `factor` times the default's): a
+    kind above, or an optimizer setting such as `"weight_decay=0.004"`."""
     kind, _ = update_kind(owner)
     m = item.multiplier
+    works = False
     if item.parameter_scale is None:
         # A zero scale stays zero and -1 stays -1 under normalisation.
         if not item.stopped and (
@@ -481,10 +532,18 @@ def _problems(item: _Scaled, owner: Any) -> Iterator[str]:
             or (kind == SCALE_INVARIANT and abs(m) not in (0.0, 1.0))
         ):
             yield _CANCELLED
+        else:
+            works = kind == LINEAR
         if item.layer is not None and weight_regularizers(item.layer):
             yield _REGULARIZER
     elif kind != item.parameter_scale.update_rule:
         yield _WRONG_RULE
+    else:
+        works = True
+    # Without a model (a nan placeholder) nothing is known to compound.
+    known = m != 0.0 and not math.isnan(m)
+    if works and not item.stopped and known and factor != 1.0:
+        yield _COMPOUND
     if not item.stopped:
         for setting, _ in _settings(owner):
             # Clipping a zero gradient changes nothing; decay still shrinks.
@@ -492,18 +551,39 @@ def _problems(item: _Scaled, owner: Any) -> Iterator[str]:
                 yield setting
 
 
-def _sentence(problem: str, owner: Any, items: list[_Scaled], label: str) -> str:
-    """One problem of the report: what breaks, for which layers, the fix."""
+def _sentence(problem: str, owner: Any, items: list[_Scaled], owners: _Owners) -> str:
+    """One problem of the report: what breaks, for which layers, the fix.
+
+    A fix never recommends what the code would refuse: `apply_lr_multipliers`
+    with `optimizer=` only where its "auto" accepts the optimizer, a
+    reparametrisation only for optimizers it has an output scale for, and
+    inside a MultiOptimizer (which `apply_lr_multipliers` does not take)
+    the MultiOptimizer's own groups.
+    """
     kind, how = update_kind(owner)
-    multi = "`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)`"
+    label = owners.label(owner)
+    strip = "`stopgrad_lr.strip_gradient_scales(model)`"
+    if owners.in_multi:
+        multi = (
+            f"remove the stopgrad_lr layers ({strip}) and give these multipliers "
+            f"to the MultiOptimizer's groups "
+            f"(`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)`)"
+        )
+    else:
+        multi = "`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)`"
     rewrite = "`stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=...)`"
+    rewrites = not owners.in_multi and recommend(owner) != "multi_optimizer"
     layers = _listing(items, lambda item: f"multiplier {item.multiplier:g}")
     if problem == _CANCELLED and kind == SCALE_INVARIANT:
+        fix = (
+            f"{rewrite} reparametrises them for {label}, or {multi} gives them "
+            f"their learning rates"
+            if rewrites
+            else multi
+        )
         return (
             f"{label} {how}, which cancels a constant gradient scale, so these "
-            f"layers train at about the full learning rate{layers}. Fix: "
-            f"{rewrite} reparametrises them for {label}, or {multi} gives them "
-            f"their learning rates."
+            f"layers train at about the full learning rate{layers}. Fix: {fix}."
         )
     if problem == _CANCELLED and kind == NEITHER:
         return (
@@ -517,17 +597,35 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], label: str) -> str
             f"their multipliers{layers}. Fix: {multi}, or measure the optimizer "
             f"with benchmarks/optimizer_table.py."
         )
+    if problem == _COMPOUND:
+        factor = owners.factor(owner)
+        layers = _listing(
+            items,
+            lambda item: (
+                f"multiplier {item.multiplier:g} x {factor:g} = "
+                f"{item.multiplier * factor:g}"
+            ),
+        )
+        return (
+            f"{label} trains its variables at {factor:g} times the base rate, "
+            f"and stopgrad_lr layers give these layers a multiplier as well, so "
+            f"the two multiply{layers}. Fix: give each multiplier once: "
+            f"{strip} removes the stopgrad_lr layers, or build the "
+            f"MultiOptimizer without these layers."
+        )
     if problem == _WRONG_RULE:
         meant = sorted(
             {item.parameter_scale.update_rule for item in items if item.parameter_scale}
         )
         layers = _listing(items, lambda item: _reparametrised(kind, item))
-        fix = (
-            f"they get other multipliers{layers}. Fix: fold the scales back with "
-            f"`stopgrad_lr.strip_gradient_scales(model)`, then {rewrite}."
-            if kind in UPDATE_RULES
-            else f"no output scale is a multiplier for it{layers}. Fix: {multi}."
-        )
+        if kind not in UPDATE_RULES:
+            fix = f"no output scale is a multiplier for it{layers}. Fix: {multi}."
+        else:
+            then = rewrite if rewrites else multi
+            fix = (
+                f"they get other multipliers{layers}. Fix: fold the scales back "
+                f"with {strip}, then {then}."
+            )
         return (
             f"These layers were reparametrised for "
             f"{' and '.join(_RULE_TEXT[rule] for rule in meant)}, but {label} "
@@ -537,12 +635,16 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], label: str) -> str
         layers = _listing(
             items, lambda item: ", ".join(weight_regularizers(item.layer))
         )
+        fix = (
+            f"{rewrite} with mechanism='reparametrize' rewrites the regularizers "
+            f"to match, or {multi}"
+            if kind in UPDATE_RULES and not owners.in_multi
+            else multi
+        )
         return (
             f"A weight regularizer's gradient reaches the weights without "
             f"passing through the gradient scale, so the penalties of these "
-            f"layers train at the full learning rate{layers}. Fix: {rewrite} "
-            f"with mechanism='reparametrize' rewrites the regularizers to match, "
-            f"or {multi}."
+            f"layers train at the full learning rate{layers}. Fix: {fix}."
         )
     why = dict(_settings(owner))[problem]
     return (
@@ -717,14 +819,35 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return cls(schedule, config["factor"])
 
 
-def _group_copy(optimizer: Any, factor: float, name: str) -> Any:
+# A learning rate that is a plain function serialises with one of these.
+_FUNCTION_CLASS_NAMES = ("function", "__lambda__")
+
+
+def _group_copy(
+    optimizer: Any, factor: float, weight_decay_factor: float, name: str
+) -> Any:
     """A fresh copy of `optimizer` (same class and settings, no state) whose
-    learning rate or schedule is multiplied by `factor`."""
-    config = optimizer.get_config()
+    learning rate or schedule is multiplied by `factor` and weight decay by
+    `weight_decay_factor`."""
+    with warnings.catch_warnings():
+        # Keras warns that a lambda learning rate is unsafe to save; the
+        # error below says what to do instead.
+        warnings.filterwarnings("ignore", message="The object being serialized")
+        config = optimizer.get_config()
     rate = config["learning_rate"]
+    if isinstance(rate, dict) and rate.get("class_name") in _FUNCTION_CLASS_NAMES:
+        function = rate.get("config") if rate["class_name"] == "function" else None
+        raise ValueError(
+            f"Invalid value received for argument `base_optimizer`. Expected an "
+            f"optimizer whose learning_rate is a float or a "
+            f"keras.optimizers.schedules.LearningRateSchedule: a plain function "
+            f"or lambda cannot be multiplied per group, nor saved. Write it as "
+            f"a LearningRateSchedule subclass (its __call__(step) returns the "
+            f"rate) or pass a float. Received: learning_rate="
+            f"{'a lambda' if function is None else f'the function {function}'}"
+        )
     schedule = None
-    # A plain function serialises as {"class_name": "function", ...}.
-    if isinstance(rate, dict) and rate.get("class_name") != "function":
+    if isinstance(rate, dict):
         schedule = keras.saving.deserialize_keras_object(rate)
     if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
         config["learning_rate"] = (
@@ -736,53 +859,122 @@ def _group_copy(optimizer: Any, factor: float, name: str) -> Any:
         raise ValueError(
             f"Invalid value received for argument `base_optimizer`. Expected an "
             f"optimizer whose learning_rate is a float or a "
-            f"keras.optimizers.schedules.LearningRateSchedule (a plain function "
-            f"cannot be scaled and saved). Received: learning_rate={rate!r}"
+            f"keras.optimizers.schedules.LearningRateSchedule. Received: "
+            f"learning_rate={rate!r}"
         )
+    if weight_decay_factor != 1.0 and config.get("weight_decay"):
+        config["weight_decay"] = float(config["weight_decay"]) * weight_decay_factor
     config["name"] = name
     return type(optimizer).from_config(config)
+
+
+@keras.saving.register_keras_serializable(package="stopgrad_lr")
+class GroupedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """A `LossScaleOptimizer` around a `MultiOptimizer` that shows its groups.
+
+    `stopgrad_lr.multi_optimizer` returns this under mixed precision. It is a
+    `keras.optimizers.LossScaleOptimizer` in every way, and also has the
+    `optimizers` attribute of the `MultiOptimizer` inside it: Keras's
+    `LearningRateScheduler` and `ReduceLROnPlateau` look for that attribute
+    on `model.optimizer` and then set each group's learning rate, which they
+    cannot do through a stock `LossScaleOptimizer` (whose `learning_rate` is
+    the MultiOptimizer's, which does not exist).
+    """
+
+    @property
+    def optimizers(self) -> list[Any]:
+        """The MultiOptimizer's group optimizers, default group last."""
+        return list(self.inner_optimizer.optimizers)
 
 
 def multi_optimizer(
     model: keras.Model,
     multipliers: Mapping[Pattern, float],
     base_optimizer: keras.optimizers.Optimizer,
+    *,
+    weight_decay_multipliers: Mapping[Pattern, float] | None = None,
 ) -> keras.optimizers.Optimizer:
     """Returns a stock `keras.optimizers.MultiOptimizer` that gives each group its rate.
 
-    The optimizer-level way to give layers learning-rate multipliers, which
-    works for every optimizer and every layer: each group of layers (one per
-    distinct multiplier) is updated by a copy of `base_optimizer` whose
-    learning rate (or learning-rate schedule) is multiplied by the group's
-    multiplier. Patterns select layers as in
-    `stopgrad_lr.apply_lr_multipliers`; layers matched by no pattern get
-    1.0. Weight decay, clipping and epsilon then act per group, as with
+    The optimizer-level way to give layers, or single variables,
+    learning-rate multipliers, which works for every optimizer and every
+    layer: each group of variables (one per distinct pair of learning-rate
+    and weight-decay multipliers) is updated by a copy of `base_optimizer`
+    whose learning rate (or learning-rate schedule) is multiplied by the
+    group's multiplier, and whose weight decay by the group's weight-decay
+    multiplier. Variables selected by no pattern get 1.0. Weight decay,
+    clipping (`global_clipnorm` too) and epsilon then act per group, as with
     separate optimizers. Use it where neither a gradient scale nor a
-    reparametrisation gives the multipliers (Adafactor, Lamb, Adagrad,
-    Adadelta, Ftrl; weight decay or clipping; layers that cannot be
-    reparametrised). The model is not changed, and the result needs no
-    stopgrad_lr layer: the groups are regexes of variable paths, saved with a
-    compiled model in a `.keras` file (a schedule is wrapped in
-    `ScaledSchedule`, so loading such a file needs `import stopgrad_lr`).
+    reparametrisation gives the multipliers: AdamW and any weight decay,
+    clipping, Adafactor, Lamb, Adagrad, Adadelta, Ftrl, layers that cannot
+    be reparametrised, and a kernel and a bias with different rates. The
+    fine-tuning recipe of BEiT and MAE (AdamW, layer-wise decay, no weight
+    decay on biases and normalisation parameters) is
+
+    ```python
+    multi_optimizer(
+        model,
+        stopgrad_lr.layerwise_decay_multipliers(model, "block*_out", 0.75),
+        keras.optimizers.AdamW(1e-3, weight_decay=0.05),
+        weight_decay_multipliers={"@bias": 0.0, "@norm": 0.0, "@embedding": 0.0},
+    )
+    ```
+
+    Patterns (the keys of both dicts): a layer pattern as in
+    `stopgrad_lr.apply_lr_multipliers` (a glob or compiled regex for a layer's
+    name or path) selects all the layer's trainable variables; a variable
+    pattern is matched against `"<layer>/<variable>"` (`"head/kernel"`,
+    `"head/bias"`, `"*/bias"`, `"block1/attention/query/kernel"`); the kind
+    selectors `"@bias"`, `"@norm"` (every variable of a normalisation layer)
+    and `"@embedding"` (of an embedding layer) select by what a variable is,
+    and may select nothing. The most specific wins: a variable pattern over
+    a kind selector over a layer pattern.
+
+    The base optimizer's `exclude_from_weight_decay(...)` is kept: the
+    variables it excludes go to groups with no weight decay, which survives
+    a `.keras` round trip (Keras's own exclusions do not).
+
+    Each group optimizer has a learning rate of its own (a variable, or a
+    schedule), reachable as `optimizer.optimizers`; Keras's
+    `LearningRateScheduler` and `ReduceLROnPlateau` set each of them, so a
+    schedule that maps the current rate to a new one (`lambda epoch, lr: lr
+    * 0.5`) keeps the ratios between groups, while one that returns a fixed
+    value gives every group that same value. Under mixed precision (a
+    `LossScaleOptimizer` base, or a model with the `"mixed_float16"`
+    policy) the result is a `GroupedLossScaleOptimizer`, a
+    `LossScaleOptimizer` that shows the same `optimizers`, so the callbacks
+    work there too.
+
+    The model is not changed, and the result needs no stopgrad_lr layer: the
+    groups are regexes of variable paths, saved with a compiled model in a
+    `.keras` file (a schedule is wrapped in `ScaledSchedule` and mixed
+    precision uses `GroupedLossScaleOptimizer`, so loading such a file needs
+    `import stopgrad_lr`).
 
     Args:
         model: A built functional or Sequential model, possibly nested.
-        multipliers: Maps a layer-name pattern to a multiplier, a finite
-            float >= 0.
+        multipliers: Maps a pattern to a learning-rate multiplier, a finite
+            float >= 0, such as `stopgrad_lr.layerwise_decay_multipliers(...)`.
         base_optimizer: The optimizer to copy per group. Only its class and
-            settings (`get_config()`) are used, not its state. A
-            `LossScaleOptimizer` is copied around the `MultiOptimizer`.
+            settings (`get_config()`) and its weight-decay exclusions are
+            used, not its state. A `LossScaleOptimizer` is copied around the
+            `MultiOptimizer`.
+        weight_decay_multipliers: Maps a pattern to a multiplier of the base
+            optimizer's `weight_decay` (0 for none), or `None`.
 
     Returns:
-        A `keras.optimizers.MultiOptimizer` (in a `LossScaleOptimizer` if
-        `base_optimizer` is one), ready for `model.compile`.
+        A `keras.optimizers.MultiOptimizer` (in a `GroupedLossScaleOptimizer`
+        under mixed precision), ready for `model.compile`.
 
     Raises:
         ValueError: If the model is not a built functional or Sequential
-            model; a pattern matches no layer with trainable weights; a
-            multiplier is negative or not finite; `base_optimizer` is not an
-            optimizer, is a `MultiOptimizer`, or has a learning rate that is a
-            plain function; or two variables in different groups have the same
+            model; a pattern selects nothing (a kind selector aside); one
+            variable is selected by two patterns of the same kind with
+            different values; a multiplier is negative or not finite;
+            `base_optimizer` is not an optimizer, is a `MultiOptimizer`, or
+            has a learning rate that is a plain function;
+            `weight_decay_multipliers` is given but the base optimizer has no
+            weight decay; or two variables in different groups have the same
             path (rename a layer).
 
     Examples:
@@ -799,71 +991,123 @@ def multi_optimizer(
         ... )
         [0.0001, 0.001]
         >>> model.compile(optimizer=optimizer, loss="mse")
+
+        The kernel and the bias of one layer apart, no decay on biases:
+
+        >>> optimizer = multi_optimizer(
+        ...     model,
+        ...     {"head/kernel": 10.0, "head/bias": 20.0},
+        ...     keras.optimizers.AdamW(1e-3, weight_decay=0.05),
+        ...     weight_decay_multipliers={"@bias": 0.0},
+        ... )
+        >>> for group in sorted(optimizer.optimizers, key=lambda o: o.name):
+        ...     print(group.name, group.weight_decay)
+        adam_w 0.05
+        adam_w_wd0 0.0
+        adam_w_x10 0.05
+        adam_w_x20_wd0 0.0
     """
     check_model(model, "build an optimizer for")
     validate_optimizer(base_optimizer, "base_optimizer")
     inner = _unwrap(base_optimizer)
     graph = Graph(model)
-
-    chosen = match_multipliers(graph, multipliers)
+    rates = select(graph, multipliers, "multipliers", validate_multiplier)
+    decays: dict[int, float] = {}
+    if weight_decay_multipliers is not None:
+        if not inner.weight_decay:
+            raise ValueError(
+                f"Invalid value received for argument `weight_decay_multipliers`. "
+                f"Expected None: {describe_optimizer(inner)} has no weight decay "
+                f"(weight_decay={inner.weight_decay!r}), so there is nothing to "
+                f"multiply. Set weight_decay on the base optimizer. Received: "
+                f"weight_decay_multipliers={weight_decay_multipliers!r}"
+            )
+        decays = select(
+            graph,
+            weight_decay_multipliers,
+            "weight_decay_multipliers",
+            validate_multiplier,
+        )
+    groups: dict[int, tuple[float, float]] = {}
+    for site in sites(graph):
+        key = id(site.variable)
+        decay = decays.get(key, 1.0)
+        # The base optimizer's own exclude_from_weight_decay(...): Keras's
+        # get_config() does not carry it, so it becomes a group without decay.
+        if inner.weight_decay and not inner._use_weight_decay(site.variable):
+            decay = 0.0
+        groups[key] = (rates.get(key, 1.0), decay)
     optimizer_map = {
-        regex: _group_copy(inner, value, f"{inner.name}_x{value:g}")
-        for value, regex in _group_regexes(model, chosen, candidates(graph)).items()
+        regex: _group_copy(inner, rate, decay, _group_name(inner.name, rate, decay))
+        for (rate, decay), regex in _group_regexes(model, graph, groups).items()
     }
     multi = _OPT.MultiOptimizer(
         _OPT.OptimizerMap(
-            default_optimizer=_group_copy(inner, 1.0, inner.name),
+            default_optimizer=_group_copy(inner, 1.0, 1.0, inner.name),
             optimizer_map=optimizer_map,
         )
     )
     if isinstance(base_optimizer, _OPT.LossScaleOptimizer):
-        return _OPT.LossScaleOptimizer(
+        return GroupedLossScaleOptimizer(
             multi,
             initial_scale=base_optimizer.initial_scale,
             dynamic_growth_steps=base_optimizer.dynamic_growth_steps,
+            name=base_optimizer.name,
         )
+    if model.dtype_policy.name == "mixed_float16":
+        # `compile` would wrap it in a stock LossScaleOptimizer, through which
+        # Keras's learning-rate callbacks cannot reach the groups.
+        return GroupedLossScaleOptimizer(multi)
     return multi
 
 
+def _group_name(name: str, rate: float, decay: float) -> str:
+    """`adamw`, `adamw_x0.1`, `adamw_wd0`, `adamw_x0.1_wd0`."""
+    return (
+        name
+        + (f"_x{rate:g}" if rate != 1.0 else "")
+        + (f"_wd{decay:g}" if decay != 1.0 else "")
+    )
+
+
 def _group_regexes(
-    model: keras.Model,
-    chosen: Mapping[int, tuple[float, Pattern]],
-    layers: Mapping[int, Any],
-) -> dict[float, str]:
-    """Multiplier -> a regex that `fullmatch`es the paths of exactly the
-    variables of that group, for every multiplier other than 1.
+    model: keras.Model, graph: Graph, groups: Mapping[int, tuple[float, float]]
+) -> dict[tuple[float, float], str]:
+    """Group -> a regex that `fullmatch`es the paths of exactly the
+    variables of that group, for every group other than the default (1, 1).
 
     A MultiOptimizer routes variables by path, and Keras does not keep paths
     across a `.keras` round trip or `clone_model` ("mlp/block1/kernel" in a
     Sequential model named "mlp" loads as "block1/kernel"). So each variable
     is matched by its path from its layer's name on, after any prefix.
     """
-    value_of: dict[int, float] = {}
-    relative: dict[float, set[str]] = {}
-    for key, (value, _) in chosen.items():
-        layer = layers[key].layer
-        for variable in layer.trainable_variables:
-            value_of[id(variable)] = value
-            if value != 1.0:
-                segments = variable.path.split("/")
-                start = max(
-                    (i for i, part in enumerate(segments) if part == layer.name),
-                    default=0,
-                )
-                relative.setdefault(value, set()).add("/".join(segments[start:]))
+    default = (1.0, 1.0)
+    relative: dict[tuple[float, float], set[str]] = {}
+    for site in sites(graph):
+        group = groups[id(site.variable)]
+        if group != default:
+            path = f"{site.layer.name}/{site.relative}"
+            relative.setdefault(group, set()).add(path)
     regexes = {
-        value: "(?:.*/)?(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
-        for value, paths in relative.items()
+        group: "(?:.*/)?(?:" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+        for group, paths in sorted(relative.items())
     }
     for variable in model.trainable_variables:
-        wanted = value_of.get(id(variable), 1.0)
-        hits = [v for v, regex in regexes.items() if re.fullmatch(regex, variable.path)]
-        if hits != ([] if wanted == 1.0 else [wanted]):
+        wanted = groups.get(id(variable), default)
+        hits = [g for g, regex in regexes.items() if re.fullmatch(regex, variable.path)]
+        if hits != ([] if wanted == default else [wanted]):
             raise ValueError(
-                f"The variable '{variable.path}' (multiplier {wanted:g}) cannot "
-                f"be told apart by its path from variables with multiplier "
-                f"{' and '.join(f'{v:g}' for v in hits) or '1'}: a "
-                f"MultiOptimizer selects variables by path. Give the layers "
+                f"The variable '{variable.path}' ({_group_text(wanted)}) cannot "
+                f"be told apart by its path from variables with "
+                f"{' and '.join(_group_text(g) for g in hits) or _group_text(default)}"
+                f": a MultiOptimizer selects variables by path. Give the layers "
                 f"distinct names."
             )
     return regexes
+
+
+def _group_text(group: tuple[float, float]) -> str:
+    rate, decay = group
+    return f"multiplier {rate:g}" + (
+        f", weight decay x{decay:g}" if decay != 1.0 else ""
+    )

@@ -77,4 +77,31 @@ def no_match_error(pattern: Pattern, names: Iterable[str], what: str = "layer") 
         f"Pattern {describe(pattern)} matched no {what}. A string is a glob "
         f"matched against the whole name (use '*' for any run of characters); "
         f"a compiled regex must match the whole name. {hint}"
+        f"{_variable_hint(pattern, names)}"
+    )
+
+
+def _variable_hint(pattern: Pattern, names: list[str]) -> str:
+    """For a pattern that looks like it selects variables ('head/bias',
+    '*/bias', '@norm'): where variables can be selected."""
+    text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+    layer_part = text.rsplit("/", 1)[0]
+    if isinstance(pattern, re.Pattern):
+        try:
+            layer_pattern: Pattern = re.compile(layer_part)
+        except re.error:
+            return ""
+    else:
+        layer_pattern = layer_part
+    if not text.startswith("@") and not (
+        "/" in text and any(matches(layer_pattern, name) for name in names)
+    ):
+        return ""
+    return (
+        f" {describe(pattern)} looks like a variable pattern ('layer/variable', "
+        f"or a kind such as '@bias'): a gradient scale or a reparametrisation "
+        f"acts on a whole layer's output, so it cannot give one variable of a "
+        f"layer (its kernel or bias) a multiplier of its own. "
+        f"`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)` selects "
+        f"variables."
     )

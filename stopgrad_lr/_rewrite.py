@@ -386,6 +386,53 @@ def layerwise_decay(
     )
 
 
+def layerwise_decay_multipliers(
+    model: keras.Model,
+    boundaries: Pattern | Sequence[Pattern],
+    decay: float,
+) -> dict[str, float]:
+    """The learning-rate multiplier of each layer under layer-wise decay.
+
+    The multipliers that `stopgrad_lr.effective_multipliers` reports for the
+    model that `layerwise_decay(model, boundaries, decay)` builds, for every
+    layer with trainable weights: the same groups and the same boundary
+    rules (a boundary must be a cut). `layerwise_decay` delivers them as
+    gradient scales, which only SGD-like optimizers turn into learning
+    rates; this dict delivers them to any optimizer:
+    `stopgrad_lr.multi_optimizer(model, multipliers, AdamW(...))` gives each
+    group its own copy of the optimizer, and
+    `stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=...)`
+    chooses a mechanism for it. The decayed model is built only to be read,
+    with the input model's own layers, and dropped: `model` keeps its
+    layers, weights and outputs.
+
+    Args:
+        model: A built functional or Sequential model.
+        boundaries: `"auto"`, a pattern, or a list of patterns, selecting
+            the block output layers (as in `layerwise_decay`).
+        decay: The factor per block, a finite float in (0, 1] (BEiT and MAE
+            fine-tune with 0.65-0.75, ELECTRA with 0.8).
+
+    Returns:
+        A dict from layer path to multiplier, in topological order: the
+        layers before the last boundary get `decay ** i`, where `i` counts
+        the boundaries after them; the layers after it get 1.0.
+
+    Raises:
+        ValueError: As `layerwise_decay`.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> x = inputs = keras.Input((4,))
+        >>> for i in range(3):
+        ...     x = keras.layers.Dense(4, name=f"block{i}_out")(x)
+        >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+        >>> stopgrad_lr.layerwise_decay_multipliers(model, "block*_out", 0.5)
+        {'block0_out': 0.125, 'block1_out': 0.25, 'block2_out': 0.5, 'head': 1.0}
+    """
+    return effective_multipliers(layerwise_decay(model, boundaries, decay))
+
+
 def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Model:
     """Returns a new model without any of stopgrad_lr's layers.
 

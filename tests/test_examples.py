@@ -146,3 +146,17 @@ def test_lr_finder(tmp_path):
     assert len(suggestions) == 4  # valley, steepest, min_div_10, fastai_valley
     assert all(1e-4 <= float(value) <= 10.0 for value in suggestions)
     assert_png(tmp_path / "lr_finder.png")
+
+
+def test_finetune_transformer(tmp_path):
+    output = run_example("finetune_transformer.py", "--fast", "--out", tmp_path)
+    assert "block1_mlp2 0.316406, block2_mlp2 0.421875" in output
+    assert "12 AdamW groups, one per depth and weight decay." in output
+    table = [line for line in output.splitlines() if line.startswith("|")]
+    decays = ["1", "0.9", "0.8", "0.75", "0.65"]
+    assert len(table) == 2 + len(decays)
+    for decay, row in zip(decays, table[2:], strict=True):
+        assert re.match(rf"\| {re.escape(decay)} +\| ", row), row
+        assert re.search(rf"\| +{ACCURACY} ± {ACCURACY} +\|$", row), row
+    assert re.search(r"\nBest layer decay: [\d.]+ \(the anchors use", output)
+    assert_png(tmp_path / "finetune_transformer.png")

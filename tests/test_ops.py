@@ -193,6 +193,7 @@ def test_public_api_is_deliberate():
         "gradual_unfreeze",
         "insert_gradient_scales",
         "layerwise_decay",
+        "layerwise_decay_multipliers",
         "linear_warmup",
         "multi_optimizer",
         "plot_multipliers",

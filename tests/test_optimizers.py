@@ -216,7 +216,7 @@ def test_a_multi_optimizer_is_checked_per_layer():
         OPT.OptimizerMap(OPT.SGD(), {".*block1/.*": OPT.Adam()})
     )
     (problem,) = check_optimizer(adam_for_block1, model).problems
-    assert problem.startswith("Adam (in the MultiOptimizer)")
+    assert problem.startswith("Adam (in the MultiOptimizer, group ")
 
 
 def test_check_optimizer_rejects_what_is_not_an_optimizer():
