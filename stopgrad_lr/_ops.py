@@ -21,8 +21,8 @@ METHODS = ("custom_gradient", "stop_gradient")
 # The scale is stored and applied in float32: the largest finite float32, and
 # the smallest normal one. Below it a float32 is subnormal, and TensorFlow and
 # XLA flush subnormals to zero on CPU, so such a scale stops the gradient.
-_FLOAT32_MAX = 3.4028234663852886e38
-_FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def validate_scale(scale: Any, argument: str = "scale") -> float:
@@ -39,13 +39,13 @@ def validate_scale(scale: Any, argument: str = "scale") -> float:
             f"Received: {argument}={scale!r} of type {type(scale).__name__}"
         )
     value = float(scale)
-    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise ValueError(
             f"Invalid value received for argument `{argument}`. Expected a "
             f"float that is finite in float32 (|{argument}| <= 3.4e38). "
             f"Received: {argument}={scale!r}"
         )
-    if value != 0.0 and abs(value) < _FLOAT32_TINY:
+    if value != 0.0 and abs(value) < FLOAT32_TINY:
         raise ValueError(
             f"Invalid value received for argument `{argument}`. Expected 0 or a "
             f"float with |{argument}| >= 1.2e-38: the scale is applied in "

@@ -25,7 +25,7 @@ from stopgrad_lr._graph import (
     explain_bypass,
 )
 from stopgrad_lr._layers import SCALE_LAYERS, GradientScale, GradientStop
-from stopgrad_lr._ops import validate_method, validate_scale
+from stopgrad_lr._ops import FLOAT32_MAX, FLOAT32_TINY, validate_method, validate_scale
 from stopgrad_lr._optimizers import choose_mechanism, warn_if_mismatched
 from stopgrad_lr._patterns import Pattern, validate_pattern
 from stopgrad_lr._reparam import (
@@ -35,8 +35,6 @@ from stopgrad_lr._reparam import (
     unsupported_layers,
 )
 from stopgrad_lr._surgery import (
-    FLOAT32_MAX,
-    FLOAT32_TINY,
     Rebuild,
     candidates,
     check_rewritable,
@@ -247,8 +245,8 @@ def apply_lr_multipliers(
         round_to_power_of_two, "round_to_power_of_two"
     )
     graph = Graph(model)
-    _check_no_gradient_layers(graph)
     targets = _targets(graph, multipliers)
+    _check_no_gradient_layers(graph)
     layers = candidates(graph)
     chosen, update_rule = choose_mechanism(
         mechanism,

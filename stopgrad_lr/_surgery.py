@@ -140,14 +140,9 @@ def _not_selectable(
     return no_match_error(pattern, names)
 
 
-# The smallest normal float32: a nonzero scale below it is rounded to 0 (or
-# loses precision) where the gradient is multiplied, in float32.
-FLOAT32_TINY = 1.1754943508222875e-38
-FLOAT32_MAX = 3.4028234663852886e38
-
-
 def validate_multiplier(value: Any, argument: str) -> float:
-    """A learning-rate multiplier: 0, or a float32-representable float > 0."""
+    """A learning-rate multiplier: a scale (finite and not flushed to zero in
+    float32) >= 0."""
     value = validate_scale(value, argument=argument)
     if value < 0:
         raise ValueError(
@@ -155,13 +150,6 @@ def validate_multiplier(value: Any, argument: str) -> float:
             f"multiplier >= 0 (a negative gradient scale reverses training; "
             f"use insert_gradient_scales or GradientReversal for that). "
             f"Received: {argument}={value!r}"
-        )
-    if value and not FLOAT32_TINY <= value <= FLOAT32_MAX:
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected 0 or a "
-            f"multiplier between {FLOAT32_TINY:.3g} and {FLOAT32_MAX:.3g}, which "
-            f"float32 can represent (gradients are scaled in float32). Use 0 to "
-            f"freeze. Received: {argument}={value!r}"
         )
     return value
 

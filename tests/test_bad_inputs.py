@@ -8,21 +8,27 @@ weights, same scales, same effective multipliers.
 
 Layers and `scale_gradient` first, then the command line through its Python
 entry point `stopgrad_lr.cli.main` (whose errors are a status and one line
-rather than an exception).
+rather than an exception), then the optimizer functions, then model surgery
+and analysis.
 """
 
 import hashlib
+import re
 
 import keras
 import numpy as np
 import pytest
 
+import stopgrad_lr
 from stopgrad_lr import (
     GradientReversal,
     GradientScale,
     GradientStop,
+    apply_lr_multipliers,
+    check_optimizer,
     cli,
     effective_multipliers,
+    multi_optimizer,
     scale_gradient,
 )
 
@@ -262,3 +268,276 @@ def test_a_bad_value_on_the_command_line(saved, tmp_path, capsys, options, fragm
         assert fragment in line
     assert out == "" and not output.exists()
     assert hashlib.sha256(saved.read_bytes()).hexdigest() == before
+
+
+# Optimizer functions ------------------------------------------------------
+
+OPT = keras.optimizers
+
+
+def optimizer_model():
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu", name="block1")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    return model, np.random.default_rng(0).standard_normal((4, 6)).astype("float32")
+
+
+def outputs_snapshot(model, data):
+    return list(model.layers), model.predict_on_batch(data)
+
+
+def assert_outputs_unchanged(model, data, before):
+    layers, outputs = before
+    assert list(model.layers) == layers
+    np.testing.assert_array_equal(model.predict_on_batch(data), outputs)
+
+
+# (a) The report's truth value is its `ok`.
+
+
+def test_a_failing_report_is_false():
+    model, data = optimizer_model()
+    before = outputs_snapshot(model, data)
+    scaled = apply_lr_multipliers(model, {"block1": 0.1})
+    failing = check_optimizer(OPT.Adam(), scaled)
+    assert not failing.ok and not failing and bool(failing) is False
+    passing = check_optimizer(OPT.SGD(), scaled)
+    assert passing.ok and passing
+    assert_outputs_unchanged(model, data, before)
+
+
+# (b) A layer or a string where the model goes.
+
+
+@pytest.mark.parametrize(
+    "not_a_model", ["optimizer_model", keras.layers.Dense(3)], ids=["str", "layer"]
+)
+def test_check_optimizer_refuses_what_is_not_a_model(not_a_model):
+    model, data = optimizer_model()
+    before = outputs_snapshot(model, data)
+    with pytest.raises(ValueError) as raised:
+        check_optimizer(OPT.SGD(), not_a_model)
+    message = str(raised.value)
+    assert "argument `model`" in message
+    assert f"of type {type(not_a_model).__name__}" in message  # what was received
+    assert "Expected the keras.Model" in message and "or None" in message
+    assert_outputs_unchanged(model, data, before)
+
+
+# (c) A learning rate that is a plain function or a lambda.
+
+
+def constant_rate():
+    return 1e-3
+
+
+@pytest.mark.parametrize(
+    ("rate", "received"),
+    [(lambda: 1e-3, "a lambda"), (constant_rate, "the function constant_rate")],
+    ids=["lambda", "function"],
+)
+def test_multi_optimizer_refuses_a_function_learning_rate(rate, received):
+    model, data = optimizer_model()
+    before = outputs_snapshot(model, data)
+    with pytest.raises(ValueError) as raised:
+        multi_optimizer(model, {"block1": 0.1}, OPT.Adam(rate))
+    message = str(raised.value)
+    assert "safe_mode" not in message
+    assert f"Received: learning_rate={received}" in message
+    assert "LearningRateSchedule" in message and "or pass a float" in message
+    assert_outputs_unchanged(model, data, before)
+
+
+# (d) No message recommends what the code then refuses.
+
+
+def test_the_rmsprop_refusal_does_not_recommend_reparametrize():
+    model, data = optimizer_model()
+    before = outputs_snapshot(model, data)
+    with pytest.raises(ValueError) as raised:
+        apply_lr_multipliers(model, {"block1": 0.1}, optimizer=OPT.RMSprop())
+    message = str(raised.value)
+    assert "RMSprop" in message and "multi_optimizer" in message
+    assert "'reparametrize'" not in message
+    assert "mechanism='gradient_scale'" in message
+    # What it does recommend is accepted (with a warning saying what is off).
+    with pytest.warns(UserWarning, match="RMSprop"):
+        apply_lr_multipliers(
+            model, {"block1": 0.1}, optimizer=OPT.RMSprop(), mechanism="gradient_scale"
+        )
+    assert_outputs_unchanged(model, data, before)
+
+
+def test_the_adamw_fix_does_not_recommend_apply_lr_multipliers_which_refuses_it():
+    model, data = optimizer_model()
+    before = outputs_snapshot(model, data)
+    scaled = apply_lr_multipliers(model, {"block1": 0.1})
+    report = check_optimizer(OPT.AdamW(), scaled)
+    assert not any("apply_lr_multipliers" in problem for problem in report.problems)
+    assert all("multi_optimizer" in problem for problem in report.problems)
+    with pytest.raises(ValueError, match="found no mechanism"):
+        apply_lr_multipliers(model, {"block1": 0.1}, optimizer=OPT.AdamW())
+    # The fix it does recommend works.
+    multi_optimizer(model, {"block1": 0.1}, OPT.AdamW())
+    assert_outputs_unchanged(model, data, before)
+
+
+# Model surgery and analysis -----------------------------------------------
+
+
+def surgery_model():
+    inputs = keras.Input((4,), name="features")
+    x = keras.layers.Dense(4, name="a")(inputs)
+    x = keras.layers.Dropout(0.1, name="drop")(x)
+    frozen = keras.layers.Dense(4, name="frozen")
+    frozen.trainable = False
+    x = frozen(x)
+    x = keras.layers.Dense(4, name="b")(x)
+    outputs = keras.layers.Dense(2, name="head")(x)
+    return keras.Model(inputs, outputs, name="small")
+
+
+SURGERY_DATA = np.random.default_rng(0).standard_normal((3, 4)).astype("float32")
+
+
+def surgery_state(model):
+    return (
+        [layer.name for layer in model.layers],
+        [np.array(w) for w in model.get_weights()],
+        np.array(model(SURGERY_DATA)),
+    )
+
+
+def assert_surgery_unchanged(model, before):
+    names, weights, outputs = surgery_state(model)
+    assert names == before[0]
+    assert all(np.array_equal(a, b) for a, b in zip(weights, before[1], strict=True))
+    assert np.array_equal(outputs, before[2])
+
+
+def scaled_surgery_model():
+    return stopgrad_lr.insert_gradient_scales(surgery_model(), {"a": 0.1})
+
+
+# (description, call on a model, exception type, regexes the message must match:
+# what was received and what to do)
+SURGERY_CASES = [
+    (
+        "a second apply_lr_multipliers pass",
+        lambda m: stopgrad_lr.apply_lr_multipliers(m, {"a": 0.5}),
+        scaled_surgery_model,
+        [r"already holds .*'a_gradient_scale' \(GradientScale 0\.1\)", "strip"],
+    ),
+    (
+        "a pattern that matches only a frozen layer",
+        lambda m: stopgrad_lr.apply_lr_multipliers(m, {"frozen": 0.5}),
+        surgery_model,
+        [r"'frozen' \(Dense\).*frozen \(trainable=False\)", "trainable = True"],
+    ),
+    (
+        "a pattern that matches only a layer without weights",
+        lambda m: stopgrad_lr.apply_lr_multipliers(m, {"drop": 0.5}),
+        surgery_model,
+        [r"'drop' \(Dropout\).*no trainable weights", "before it"],
+    ),
+    (
+        "a pattern that matches only a stopgrad_lr layer",
+        lambda m: stopgrad_lr.insert_gradient_scales(m, {"a_gradient_*": 0.5}),
+        scaled_surgery_model,
+        [r"stopgrad_lr layer 'a_gradient_scale'", r"\.scale = value"],
+    ),
+    (
+        "multipliers too far apart for float32",
+        lambda m: stopgrad_lr.apply_lr_multipliers(m, {"a": 1e-30, "b": 1e30}),
+        surgery_model,
+        [r"1e-30", r"1e\+30", "closer together"],
+    ),
+    (
+        "a multiplier that underflows float32",
+        lambda m: stopgrad_lr.apply_lr_multipliers(m, {"a": 1e-46}),
+        surgery_model,
+        [r"multipliers\['a'\]=1e-46", "Pass 0 to stop it"],
+    ),
+    (
+        "an empty dict of scales",
+        lambda m: stopgrad_lr.insert_gradient_scales(m, {}),
+        surgery_model,
+        [r"scales=\{\}", "non-empty dict"],
+    ),
+    (
+        "an empty dict of multipliers",
+        lambda m: stopgrad_lr.apply_lr_multipliers(m, {}),
+        surgery_model,
+        [r"multipliers=\{\}", "non-empty dict"],
+    ),
+    (
+        "an empty list of boundaries",
+        lambda m: stopgrad_lr.layerwise_decay(m, [], 0.5),
+        surgery_model,
+        [r"boundaries=\[\]", "transformer_layer_"],
+    ),
+    (
+        "a decay above 1",
+        lambda m: stopgrad_lr.layerwise_decay(m, "a", 1.5),
+        surgery_model,
+        [r"decay=1\.5", r"\(0, 1\]", "insert_gradient_scales"],
+    ),
+    (
+        "a string for copy=",
+        lambda m: stopgrad_lr.insert_gradient_scales(m, {"a": 0.5}, copy="no"),
+        surgery_model,
+        [r"copy='no' of type str", "True or False"],
+    ),
+    (
+        "an int for stop_at_zero=",
+        lambda m: stopgrad_lr.insert_gradient_scales(m, {"a": 0.0}, stop_at_zero=0),
+        surgery_model,
+        [r"stop_at_zero=0 of type int", "True or False"],
+    ),
+    (
+        "a string for round_to_power_of_two=",
+        lambda m: stopgrad_lr.apply_lr_multipliers(
+            m,
+            {"a": 0.5},
+            optimizer=keras.optimizers.Adam(),
+            round_to_power_of_two="yes",
+        ),
+        surgery_model,
+        [r"round_to_power_of_two='yes'", "True or False"],
+    ),
+    (
+        "None for strip's copy=",
+        lambda m: stopgrad_lr.strip_gradient_scales(m, copy=None),
+        scaled_surgery_model,
+        [r"copy=None of type NoneType", "True or False"],
+    ),
+    (
+        "a string for summary's print_fn",
+        lambda m: stopgrad_lr.summary(m, print_fn="stdout"),
+        surgery_model,
+        [r"print_fn='stdout'", "None to print nothing"],
+    ),
+    (
+        "layerwise_decay(auto) on a model of one block",
+        lambda m: stopgrad_lr.layerwise_decay(m, "auto", 0.5),
+        lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]),
+        [r"found no block boundary", "gradient_cuts"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "build", "patterns"),
+    [case[1:] for case in SURGERY_CASES],
+    ids=[case[0] for case in SURGERY_CASES],
+)
+def test_bad_input_is_a_clear_error_and_the_model_is_unchanged(call, build, patterns):
+    model = build()
+    before = surgery_state(model)
+    with pytest.raises(ValueError) as info:
+        call(model)
+    message = str(info.value)
+    for pattern in patterns:
+        assert re.search(pattern, message), message
+    assert "stopgrad_lr bug" not in message
+    assert_surgery_unchanged(model, before)
