@@ -297,6 +297,8 @@ class Net:
         model, inner, output_sets = built
         name = model.name
         for path, upstream in inner.items():
+            if not upstream:
+                continue  # maybe a branch of the inner input that was left out
             self.through.setdefault(f"{name}/{path}", set()).update(
                 x.upstream | {f"{name}/{p}" for p in upstream}
             )
@@ -404,6 +406,8 @@ def outer_sequential(net: Net, width: int) -> tuple[keras.Model, dict[str, set[s
         if net.rng.random() < 0.5:
             sub, inner, (output_set,) = net.submodel(current, outputs=1)
             for path, inner_upstream in inner.items():
+                if not inner_upstream:
+                    continue  # maybe a branch of its input that was left out
                 through[f"{sub.name}/{path}"] = set(upstream) | {
                     f"{sub.name}/{p}" for p in inner_upstream
                 }
@@ -473,8 +477,12 @@ def measure(model: keras.Model, data: Any, seed: int = 0) -> Measured:
         import torch
 
         outputs = model(data, training=False)
-        grads = torch.autograd.grad(
-            loss_of(outputs), [v.value for v in variables], allow_unused=True
+        value = loss_of(outputs)
+        # A stop before every output leaves the loss without a graph.
+        grads = (
+            torch.autograd.grad(value, [v.value for v in variables], allow_unused=True)
+            if value.requires_grad
+            else [None] * len(variables)
         )
     return Measured(
         [to_numpy(t) for t in keras.tree.flatten(outputs)],
@@ -626,7 +634,9 @@ def check_seed(seed: int) -> list[str]:
     case = random_model(seed)
     rng = np.random.default_rng([seed, 1])
     cuts = gradient_cuts(case.model)
-    anywhere = sorted(case.through)
+    # A layer with no trainable layer upstream may have been left out of the
+    # model (a branch of the input alone that reaches no output).
+    anywhere = sorted(path for path, upstream in case.through.items() if upstream)
     scales: dict[str, float] = {}
     for _ in range(rng.integers(1, 4)):
         pool = cuts if cuts and rng.random() < 0.5 else anywhere
