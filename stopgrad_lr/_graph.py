@@ -51,8 +51,6 @@ class Node:
     layer: Any
     inputs: list[int] = field(default_factory=list)  # float tensor ids
     outputs: list[int] = field(default_factory=list)  # tensor ids
-    # A nested model's container node: the inner output behind each output.
-    sources: list[int] | None = None
 
     @property
     def trainable(self) -> bool:
@@ -93,7 +91,6 @@ class Graph:
                 self.outputs.append(tensor_id)
         # Nodes are added after the nodes they consume: a topological order.
         self.order = list(range(len(self.nodes)))
-        self._drop_unused_nested_outputs()
         # Per node, the bit set of itself and its ancestors; filled by cuts().
         self.above: list[int] = []
         self._cuts: dict[int, bool] | None = None
@@ -137,63 +134,37 @@ class Graph:
                 arguments = _bound_inputs(layer, call)
             else:
                 arguments = call.input_tensors
-            node = self._add_call(
-                layer, prefix + layer.name, [known[id(t)] for t in arguments]
+            outputs = self._add_call(
+                layer, prefix + layer.name, [known[id(t)] for t in arguments], call
             )
-            if not node.outputs:  # a nested model's node has its outputs
-                node.outputs = [
-                    self._new_tensor(node.index, _is_float(t)) for t in call.outputs
-                ]
-            for tensor, tensor_id in zip(call.outputs, node.outputs, strict=True):
+            for tensor, tensor_id in zip(call.outputs, outputs, strict=True):
                 known[id(tensor)] = tensor_id
         return [known[id(tensor)] for tensor in model.outputs]
 
-    def _add_call(self, layer: Any, path: str, inputs: list[int]) -> Node:
-        """Adds a layer call. A nested functional or Sequential model is
-        expanded in place and followed by a container node that stands for its
-        outputs, so that the nested model as a whole can be a boundary. A
-        nested subclassed model is one node, like a layer."""
-        nested = has_graph(layer)
-        if nested:
-            inputs = self._add_model(layer, f"{path}/", inputs)
-        node = self._new_node(path, layer, inputs)
-        if nested:
-            node.sources = inputs
-            for tensor_id in inputs:
-                is_float = self.tensors[tensor_id].is_float
-                node.outputs.append(self._new_tensor(node.index, is_float))
-        return node
+    def _add_call(
+        self, layer: Any, path: str, inputs: list[int], call: Any
+    ) -> list[int]:
+        """Adds a layer call; returns the tensors of its outputs.
 
-    def _drop_unused_nested_outputs(self) -> None:
-        """Drops the edge from a nested model's inner output into its container
-        node where the matching outer output reaches no model output.
-
-        Output `i` of a nested model is its inner output `i` alone, so such an
-        edge carries no gradient (a keras-hub Backbone's `sequence_output`
-        under a classifier that uses only `pooled_output`); left in, it would
-        read as a path around every layer after that inner output.
+        A nested functional or Sequential model is expanded in place, and
+        each of its outputs gets a container node of its own (output `i` is
+        the inner output `i` alone): a scale after the nested model as a whole
+        goes after each of them. A nested subclassed model is one node, like a
+        layer.
         """
-        live = [False] * len(self.tensors)
-        for tensor_id in self.outputs:
-            live[tensor_id] = True
-        for index in reversed(self.order):
-            node = self.nodes[index]
-            if node.sources is None:
-                if any(live[t] for t in node.outputs):
-                    for tensor_id in node.inputs:
-                        live[tensor_id] = True
-                continue
-            kept = [
-                source
-                for source, output in zip(node.sources, node.outputs, strict=True)
-                if live[output] and self.tensors[source].is_float
+        if not has_graph(layer):
+            node = self._new_node(path, layer, inputs)
+            node.outputs = [
+                self._new_tensor(node.index, _is_float(t)) for t in call.outputs
             ]
-            for tensor_id in set(node.inputs) - set(kept):
-                consumers = self.tensors[tensor_id].consumers
-                consumers[:] = [c for c in consumers if c != index]
-            node.inputs = kept
-            for tensor_id in kept:
-                live[tensor_id] = True
+            return node.outputs
+        outputs = []
+        for inner in self._add_model(layer, f"{path}/", inputs):
+            node = self._new_node(path, layer, [inner])
+            is_float = self.tensors[inner].is_float
+            node.outputs = [self._new_tensor(node.index, is_float)]
+            outputs.extend(node.outputs)
+        return outputs
 
     # Queries ---------------------------------------------------------------
 

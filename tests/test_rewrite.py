@@ -403,6 +403,31 @@ def test_a_subclassed_model_inside_a_functional_one_is_one_layer():
     assert reported == {"a": 0.125, "doubled": 0.25, "head": 1.0}
 
 
+def test_each_output_of_a_nested_model_is_its_own_path():
+    # Found by the property test: output i of a nested model is its inner
+    # output i alone, so a scale after one output scales only that branch.
+    x = keras.Input((4,))
+    sub = keras.Model(
+        x,
+        [keras.layers.Dense(3, name="a")(x), keras.layers.Dense(3, name="b")(x)],
+        name="sub",
+    )
+    inputs = keras.Input((4,))
+    a, b = sub(inputs)
+    model = keras.Model(
+        inputs,
+        [
+            keras.layers.Dense(2, name="head_a")(a),
+            keras.layers.Dense(2, name="head_b")(b),
+        ],
+    )
+    assert {"head_a", "sub"} <= set(gradient_cuts(model))
+    data = np.random.default_rng(0).standard_normal((3, 4)).astype("float32")
+    scaled = insert_gradient_scales(model, {"head_a": 0.5})
+    reported = assert_measured_multipliers(model, scaled, data)
+    assert reported == {"sub/a": 0.5, "sub/b": 1.0, "head_a": 0.5, "head_b": 1.0}
+
+
 def test_existing_scale_at_the_same_place_is_rejected():
     model, data = _models.sequential_mlp()
     once = insert_gradient_scales(model, {"block1": 0.5})
