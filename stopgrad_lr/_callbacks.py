@@ -12,7 +12,6 @@ from typing import Any
 import keras
 
 from stopgrad_lr._layers import GradientReversal, GradientScale
-from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._patterns import (
     Pattern,
     describe,
@@ -21,6 +20,7 @@ from stopgrad_lr._patterns import (
     no_match_error,
     validate_pattern,
 )
+from stopgrad_lr._validation import invalid, validate_choice, validate_scale
 
 PERIODS = ("epoch", "batch")
 ATTRIBUTES = ("scale", "strength")
@@ -121,33 +121,22 @@ class ScaleSchedule(keras.callbacks.Callback):
         else:
             patterns = []
         if not patterns:
-            raise ValueError(
-                "Invalid value received for argument `layers`. Expected a glob "
-                "string, a compiled regex, or a non-empty list of those. "
-                f"Received: layers={layers!r}"
+            raise invalid(
+                "layers",
+                "a glob string, a compiled regex, or a non-empty list of those",
+                layers,
             )
         self._patterns = [validate_pattern(p, argument="layers") for p in patterns]
         if not callable(schedule):
-            raise ValueError(
-                "Invalid value received for argument `schedule`. Expected a "
-                "function of the epoch or step that returns a float. Received: "
-                f"schedule={schedule!r}"
+            raise invalid(
+                "schedule",
+                "a function of the epoch or step that returns a float",
+                schedule,
             )
-        if per not in PERIODS:
-            raise ValueError(
-                f"Invalid value received for argument `per`. Expected one of "
-                f"{PERIODS}. Received: per={per!r}"
-            )
-        if attribute not in ATTRIBUTES:
-            raise ValueError(
-                "Invalid value received for argument `attribute`. Expected one "
-                f"of {ATTRIBUTES}. Received: attribute={attribute!r}"
-            )
+        validate_choice(per, "per", PERIODS)
+        validate_choice(attribute, "attribute", ATTRIBUTES)
         if log_name is not None and not (isinstance(log_name, str) and log_name):
-            raise ValueError(
-                "Invalid value received for argument `log_name`. Expected a "
-                f"non-empty string or None. Received: log_name={log_name!r}"
-            )
+            raise invalid("log_name", "a non-empty string or None", log_name)
         self.layers = layers
         self.schedule = schedule
         self.per = per

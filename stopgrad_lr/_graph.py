@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import keras
 
 from stopgrad_lr._layers import SCALE_LAYERS
+from stopgrad_lr._validation import invalid
 
 # Scales are stored and applied in float32, so a multiplier (a product of
 # scales) is known to float32 precision: products along two paths that agree
@@ -369,10 +370,11 @@ def _bound_inputs(model: keras.Model, call: Any) -> list[Any]:
 def check_model(model: Any, action: str) -> None:
     """Raises a clear error unless `model` is a built functional/Sequential model."""
     if not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Invalid value received for argument `model`. Expected a built "
-            f"keras.Model (functional or Sequential). Received: model={model!r} "
-            f"of type {type(model).__name__}"
+        raise invalid(
+            "model",
+            "a built keras.Model (functional or Sequential)",
+            model,
+            typed=True,
         )
     if isinstance(model, keras.Sequential):
         if not model.built or not _has_inputs(model):
@@ -657,10 +659,11 @@ def summary(
     """
     check_model(model, "summarise")
     if print_fn is not None and not callable(print_fn):
-        raise ValueError(
-            f"Invalid value received for argument `print_fn`. Expected a "
-            f"function called with each line (such as `print`, the default), or "
-            f"None to print nothing. Received: print_fn={print_fn!r}"
+        raise invalid(
+            "print_fn",
+            "a function called with each line (such as `print`, the default), or None"
+            " to print nothing",
+            print_fn,
         )
     graph = Graph(model)
     sets = _layer_multiplier_sets(graph)

@@ -7,7 +7,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from stopgrad_lr._ops import scale_gradient, validate_method, validate_scale
+from stopgrad_lr._ops import scale_gradient, validate_method
+from stopgrad_lr._validation import invalid, validate_scale
 
 
 @keras.saving.register_keras_serializable(package="stopgrad_lr")
@@ -240,13 +241,13 @@ class GradientStop(keras.layers.Layer):
     @scale.setter
     def scale(self, value: float) -> None:
         if validate_scale(value) != 0.0:
-            raise ValueError(
-                f"Invalid value received for argument `scale`. Expected 0.0: a "
-                f"GradientStop always stops the gradient and cannot scale it. "
-                f"For a scale that changes during training, insert "
-                f"GradientScale(0.0) instead (stop_at_zero=False in "
-                f"insert_gradient_scales / apply_lr_multipliers). Received: "
-                f"scale={value!r}"
+            raise invalid(
+                "scale",
+                "0.0: a GradientStop always stops the gradient and cannot scale it. "
+                "For a scale that changes during training, insert GradientScale(0.0) "
+                "instead (stop_at_zero=False in insert_gradient_scales / "
+                "apply_lr_multipliers)",
+                value,
             )
 
     def call(self, inputs: Any) -> Any:

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any, cast
 import keras
 import numpy as np
 
-from stopgrad_lr._schedules import validate_count
+from stopgrad_lr._validation import (
+    invalid,
+    validate_choice,
+    validate_count,
+    validate_positive,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,23 +40,6 @@ MARK_COLORS = {
 
 def _to_float(value: Any) -> float:
     return float(keras.ops.convert_to_numpy(value))
-
-
-def _validate_positive(value: Any, argument: str, allow_inf: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a "
-            f"positive float. Received: {argument}={value!r} of type "
-            f"{type(value).__name__}"
-        )
-    number = float(value)
-    if not (number > 0 and (allow_inf or math.isfinite(number))):
-        expected = "a float > 0" if allow_inf else "a finite float > 0"
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected "
-            f"{expected}. Received: {argument}={value!r}"
-        )
-    return number
 
 
 def _sweep_rate(start: float, end: float, num_steps: int, mode: str, step: Any) -> Any:
@@ -252,35 +240,25 @@ class LRFinder(keras.callbacks.Callback):
         validation_data: Any = None,
     ) -> None:
         super().__init__()
-        self.start_lr = _validate_positive(start_lr, "start_lr")
-        self.end_lr = _validate_positive(end_lr, "end_lr")
+        self.start_lr = validate_positive(start_lr, "start_lr")
+        self.end_lr = validate_positive(end_lr, "end_lr")
         if not self.end_lr > self.start_lr:
-            raise ValueError(
-                "Invalid value received for argument `end_lr`. Expected a "
-                f"learning rate greater than start_lr={start_lr!r}. Received: "
-                f"end_lr={end_lr!r}"
+            raise invalid(
+                "end_lr",
+                f"a learning rate greater than start_lr={start_lr!r}",
+                end_lr,
             )
         self.num_steps = validate_count(num_steps, "num_steps", minimum=2)
         if isinstance(beta, bool) or not (
             isinstance(beta, numbers.Real) and 0.0 <= beta < 1.0
         ):
-            raise ValueError(
-                "Invalid value received for argument `beta`. Expected a float "
-                f"in [0, 1). Received: beta={beta!r}"
-            )
+            raise invalid("beta", "a float in [0, 1)", beta)
         self.beta: float = float(beta)
-        factor = _validate_positive(diverge_factor, "diverge_factor", allow_inf=True)
+        factor = validate_positive(diverge_factor, "diverge_factor", allow_inf=True)
         if not factor > 1.0:
-            raise ValueError(
-                "Invalid value received for argument `diverge_factor`. Expected "
-                f"a float > 1. Received: diverge_factor={diverge_factor!r}"
-            )
+            raise invalid("diverge_factor", "a float > 1", diverge_factor)
         self.diverge_factor: float = factor
-        if mode not in MODES:
-            raise ValueError(
-                f"Invalid value received for argument `mode`. Expected one of "
-                f"{MODES}. Received: mode={mode!r}"
-            )
+        validate_choice(mode, "mode", MODES)
         self.mode: str = mode
         if (
             isinstance(validation_data, list | tuple)
@@ -525,11 +503,7 @@ class LRFinder(keras.callbacks.Callback):
             ValueError: If `method` is unknown or fewer than 5 points were
                 recorded.
         """
-        if method not in SUGGESTION_METHODS:
-            raise ValueError(
-                "Invalid value received for argument `method`. Expected one of "
-                f"{SUGGESTION_METHODS}. Received: method={method!r}"
-            )
+        validate_choice(method, "method", SUGGESTION_METHODS)
         lrs, smoothed = self._points()
         if method == "min_div_10":
             return float(lrs[np.argmin(smoothed)] / 10.0)

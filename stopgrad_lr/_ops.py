@@ -8,52 +8,15 @@ never rounded to float16 under mixed precision.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import keras
 import numpy as np
 from keras import ops
 
+from stopgrad_lr._validation import validate_choice, validate_scale
+
 METHODS = ("custom_gradient", "stop_gradient")
-
-# The scale is stored and applied in float32: the largest finite float32, and
-# the smallest normal one. Below it a float32 is subnormal, and TensorFlow and
-# XLA flush subnormals to zero on CPU, so such a scale stops the gradient.
-FLOAT32_MAX = 3.4028234663852886e38
-FLOAT32_TINY = 1.1754943508222875e-38
-
-
-def validate_scale(scale: Any, argument: str = "scale") -> float:
-    """Returns `scale` as a Python float, or raises a Keras-style `ValueError`.
-
-    A scale must be a real number (not a bool) that is finite in float32
-    and, unless it is zero, not so small that float32 rounds or flushes it to
-    zero.
-    """
-    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a "
-            f"finite float (a Python or NumPy real number, not a bool). "
-            f"Received: {argument}={scale!r} of type {type(scale).__name__}"
-        )
-    value = float(scale)
-    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a "
-            f"float that is finite in float32 (|{argument}| <= 3.4e38). "
-            f"Received: {argument}={scale!r}"
-        )
-    if value != 0.0 and abs(value) < FLOAT32_TINY:
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected 0 or a "
-            f"float with |{argument}| >= 1.2e-38: the scale is applied in "
-            f"float32, where a smaller value becomes 0 (or a subnormal that "
-            f"TensorFlow and XLA flush to 0) and silently stops the gradient. "
-            f"Pass 0 to stop it on purpose. Received: {argument}={scale!r}"
-        )
-    return value
 
 
 def validate_tensor_scale(scale: Any) -> None:
@@ -69,10 +32,10 @@ def validate_tensor_scale(scale: Any) -> None:
     shape = tuple(scale.shape)
     if shape != ():
         raise ValueError(
-            f"Invalid value received for argument `scale`. Expected a scalar "
-            f"(shape ()): a tensor of another shape would scale the gradient "
-            f"element by element. Reduce it to one number, or reshape a "
-            f"one-element tensor with keras.ops.reshape(scale, ()). Received: "
+            "Invalid value received for argument `scale`. Expected a scalar "
+            "(shape ()): a tensor of another shape would scale the gradient "
+            "element by element. Reduce it to one number, or reshape a "
+            "one-element tensor with keras.ops.reshape(scale, ()). Received: "
             f"scale with shape {shape}"
         )
     if isinstance(scale, keras.Variable):
@@ -91,12 +54,7 @@ def validate_tensor_scale(scale: Any) -> None:
 
 def validate_method(method: Any) -> str:
     """Returns `method` if it names a known method, else raises `ValueError`."""
-    if method not in METHODS:
-        raise ValueError(
-            "Invalid value received for argument `method`. Expected one of "
-            f"{METHODS}. Received: method={method!r}"
-        )
-    return str(method)
+    return validate_choice(method, "method", METHODS)
 
 
 def _product_dtype(dtype: str) -> str:

@@ -34,7 +34,6 @@ import keras
 
 from stopgrad_lr._graph import Graph, check_model, effective_multipliers
 from stopgrad_lr._layers import GradientScale, GradientStop
-from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._patterns import Pattern, iter_layers
 from stopgrad_lr._reparam import (
     LINEAR,
@@ -42,7 +41,12 @@ from stopgrad_lr._reparam import (
     UPDATE_RULES,
     ParameterScale,
 )
-from stopgrad_lr._surgery import validate_multiplier
+from stopgrad_lr._validation import (
+    invalid,
+    validate_choice,
+    validate_multiplier,
+    validate_scale,
+)
 from stopgrad_lr._variables import select, sites
 
 # The third kind: an optimizer for which neither mechanism is a multiplier.
@@ -209,11 +213,11 @@ def validate_optimizer(optimizer: Any, argument: str = "optimizer") -> Any:
     if not isinstance(optimizer, _OPT.Optimizer) or isinstance(
         _unwrap(optimizer), _OPT.MultiOptimizer
     ):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected the "
-            f"keras.optimizers.Optimizer instance you train with (not a "
-            f"MultiOptimizer, which sets per-layer learning rates itself). "
-            f"Received: {argument}={optimizer!r}"
+        raise invalid(
+            argument,
+            "the keras.optimizers.Optimizer instance you train with (not a "
+            "MultiOptimizer, which sets per-layer learning rates itself)",
+            optimizer,
         )
     return optimizer
 
@@ -224,11 +228,7 @@ def choose_mechanism(
     """`(mechanism, kind of update)` for `apply_lr_multipliers`, where the
     kind sets the output scale of a reparametrisation; `changed_layers` have
     a multiplier other than 1."""
-    if mechanism not in MECHANISMS:
-        raise ValueError(
-            f"Invalid value received for argument `mechanism`. Expected one of "
-            f"{MECHANISMS}. Received: mechanism={mechanism!r}"
-        )
+    validate_choice(mechanism, "mechanism", MECHANISMS)
     if optimizer is None:
         if mechanism == "reparametrize":
             raise ValueError(
@@ -382,16 +382,14 @@ def check_optimizer(optimizer: Any, model: Any = None) -> OptimizerReport:
         (False, 'reparametrize')
     """
     if not isinstance(optimizer, _OPT.Optimizer):
-        raise ValueError(
-            f"Invalid value received for argument `optimizer`. Expected a "
-            f"keras.optimizers.Optimizer. Received: optimizer={optimizer!r}"
-        )
+        raise invalid("optimizer", "a keras.optimizers.Optimizer", optimizer)
     if model is not None and not isinstance(model, keras.Model):
-        raise ValueError(
-            f"Invalid value received for argument `model`. Expected the "
-            f"keras.Model whose stopgrad_lr layers to check (pass a layer's "
-            f"model, not the layer), or None to ask about the optimizer alone. "
-            f"Received: model={model!r} of type {type(model).__name__}"
+        raise invalid(
+            "model",
+            "the keras.Model whose stopgrad_lr layers to check (pass a layer's model,"
+            " not the layer), or None to ask about the optimizer alone",
+            model,
+            typed=True,
         )
     inner = _unwrap(optimizer)
     recommended = (
@@ -796,10 +794,10 @@ class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def __init__(self, schedule: Any, factor: float) -> None:
         if not isinstance(schedule, _OPT.schedules.LearningRateSchedule):
-            raise ValueError(
-                f"Invalid value received for argument `schedule`. Expected a "
-                f"keras.optimizers.schedules.LearningRateSchedule. Received: "
-                f"schedule={schedule!r}"
+            raise invalid(
+                "schedule",
+                "a keras.optimizers.schedules.LearningRateSchedule",
+                schedule,
             )
         self.schedule = schedule
         self.factor = validate_scale(factor, argument="factor")
@@ -1015,12 +1013,12 @@ def multi_optimizer(
     decays: dict[int, float] = {}
     if weight_decay_multipliers is not None:
         if not inner.weight_decay:
-            raise ValueError(
-                f"Invalid value received for argument `weight_decay_multipliers`. "
-                f"Expected None: {describe_optimizer(inner)} has no weight decay "
+            raise invalid(
+                "weight_decay_multipliers",
+                f"None: {describe_optimizer(inner)} has no weight decay "
                 f"(weight_decay={inner.weight_decay!r}), so there is nothing to "
-                f"multiply. Set weight_decay on the base optimizer. Received: "
-                f"weight_decay_multipliers={weight_decay_multipliers!r}"
+                "multiply. Set weight_decay on the base optimizer",
+                weight_decay_multipliers,
             )
         decays = select(
             graph,

@@ -15,17 +15,20 @@ from typing import Any, Union
 
 import keras
 
+from stopgrad_lr._validation import invalid
+
 Pattern = Union[str, "re.Pattern[str]"]
 
 
 def validate_pattern(pattern: Any, argument: str = "pattern") -> Pattern:
     if isinstance(pattern, str | re.Pattern):
         return pattern
-    raise ValueError(
-        f"Invalid value received for argument `{argument}`. Expected a glob "
-        f"string such as 'conv2_*' or a compiled regex such as "
-        f"re.compile(r'conv\\d_block\\d_out'). Received: {argument}={pattern!r} "
-        f"of type {type(pattern).__name__}"
+    raise invalid(
+        argument,
+        "a glob string such as 'conv2_*' or a compiled regex such as "
+        "re.compile(r'conv\\d_block\\d_out')",
+        pattern,
+        typed=True,
     )
 
 

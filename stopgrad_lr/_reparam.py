@@ -27,7 +27,6 @@ import numpy as np
 from keras import ops
 
 from stopgrad_lr._graph import Graph, Node
-from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._surgery import (
     Rebuild,
     candidates,
@@ -36,6 +35,7 @@ from stopgrad_lr._surgery import (
     strategy_scope,
     unique_name,
 )
+from stopgrad_lr._validation import invalid, validate_choice, validate_scale
 
 # The two kinds of optimizer a reparametrisation can serve (see _optimizers):
 # an update linear in the gradient (SGD), or one invariant to its scale (Adam).
@@ -68,11 +68,7 @@ HOMOGENEOUS_ACTIVATIONS = ("linear", "relu", "leaky_relu")
 
 
 def validate_update_rule(update_rule: Any) -> str:
-    if update_rule not in UPDATE_RULES:
-        raise ValueError(
-            f"Invalid value received for argument `update_rule`. Expected one of "
-            f"{UPDATE_RULES}. Received: update_rule={update_rule!r}"
-        )
+    validate_choice(update_rule, "update_rule", UPDATE_RULES)
     return str(update_rule)
 
 
@@ -132,10 +128,10 @@ class ParameterScale(keras.layers.Layer):
         super().__init__(**kwargs)
         scale = validate_scale(scale)
         if scale <= 0:
-            raise ValueError(
-                f"Invalid value received for argument `scale`. Expected a float "
-                f"> 0 (the stored weights are divided by it). Received: "
-                f"scale={scale!r}"
+            raise invalid(
+                "scale",
+                "a float > 0 (the stored weights are divided by it)",
+                scale,
             )
         self.scale = scale
         self.update_rule = validate_update_rule(update_rule)

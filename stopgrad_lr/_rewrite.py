@@ -25,7 +25,7 @@ from stopgrad_lr._graph import (
     explain_bypass,
 )
 from stopgrad_lr._layers import SCALE_LAYERS, GradientScale, GradientStop
-from stopgrad_lr._ops import FLOAT32_MAX, FLOAT32_TINY, validate_method, validate_scale
+from stopgrad_lr._ops import validate_method
 from stopgrad_lr._optimizers import choose_mechanism, warn_if_mismatched
 from stopgrad_lr._patterns import Pattern, validate_pattern
 from stopgrad_lr._reparam import (
@@ -44,7 +44,14 @@ from stopgrad_lr._surgery import (
     match_multipliers,
     strategy_scope,
     unique_name,
+)
+from stopgrad_lr._validation import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    invalid,
+    validate_choice,
     validate_flag,
+    validate_scale,
 )
 
 ON_BYPASS = ("error", "warn", "ignore")
@@ -122,7 +129,7 @@ def insert_gradient_scales(
     method = validate_method(method)
     copy = validate_flag(copy, "copy")
     stop_at_zero = validate_flag(stop_at_zero, "stop_at_zero")
-    _validate_on_bypass(on_bypass)
+    validate_choice(on_bypass, "on_bypass", ON_BYPASS)
     graph = Graph(model)
     chosen = _match_scales(graph, scales)
     _check_no_scale_already(graph, chosen)
@@ -342,15 +349,16 @@ def layerwise_decay(
     copy = validate_flag(copy, "copy")
     decay = validate_scale(decay, argument="decay")
     if not 0 < decay <= 1:
-        raise ValueError(
-            f"Invalid value received for argument `decay`. Expected a float > 0 "
-            f"and <= 1, in (0, 1]: the factor by which each block's rate falls "
-            f"below the next (a stop is a scale of 0, and other scales can be "
-            f"set with insert_gradient_scales). Received: decay={decay!r}"
+        raise invalid(
+            "decay",
+            "a float > 0 and <= 1, in (0, 1]: the factor by which each block's rate "
+            "falls below the next (a stop is a scale of 0, and other scales can be "
+            "set with insert_gradient_scales)",
+            decay,
         )
     if isinstance(boundaries, str) and boundaries == "auto":
         method = validate_method(method)
-        _validate_on_bypass(on_bypass)
+        validate_choice(on_bypass, "on_bypass", ON_BYPASS)
         graph = Graph(model)
         found = block_boundaries(graph)
         if not found:
@@ -478,14 +486,6 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
 
 
 # Matching -----------------------------------------------------------------
-
-
-def _validate_on_bypass(on_bypass: Any) -> None:
-    if on_bypass not in ON_BYPASS:
-        raise ValueError(
-            f"Invalid value received for argument `on_bypass`. Expected one of "
-            f"{ON_BYPASS}. Received: on_bypass={on_bypass!r}"
-        )
 
 
 def _match_scales(graph: Graph, scales: Mapping[Pattern, float]) -> dict[int, float]:

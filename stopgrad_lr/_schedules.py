@@ -8,49 +8,15 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
-from typing import Any
 
-import numpy as np
-
-from stopgrad_lr._ops import validate_scale
-
-
-def _validate_real(value: Any, argument: str) -> float:
-    """`value` as a float if it is a real number (not a bool), else raises."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a real "
-            f"number (not a bool). Received: {argument}={value!r} of type "
-            f"{type(value).__name__}"
-        )
-    return float(value)
-
-
-def _validate_time(value: Any, argument: str) -> float:
-    """A step or epoch: a real number >= 0."""
-    time = _validate_real(value, argument)
-    if not time >= 0 or math.isinf(time):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a "
-            f"finite number >= 0. Received: {argument}={value!r}"
-        )
-    return time
-
-
-def validate_count(value: Any, argument: str, minimum: int) -> int:
-    """An integer (Python or NumPy, not a bool) >= `minimum`."""
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected an "
-            f"integer >= {minimum}. Received: {argument}={value!r}"
-        )
-    return int(value)
+from stopgrad_lr._validation import (
+    invalid,
+    validate_count,
+    validate_real,
+    validate_scale,
+    validate_time,
+)
 
 
 def dann_ramp(progress: float, gamma: float = 10.0) -> float:
@@ -89,19 +55,16 @@ def dann_ramp(progress: float, gamma: float = 10.0) -> float:
         >>> callback = stopgrad_lr.ScaleSchedule(
         ...     "reversal", schedule, attribute="strength")
     """
-    value = _validate_real(progress, "progress")
+    value = validate_real(progress, "progress")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            "Invalid value received for argument `progress`. Expected a number "
-            f"in [0, 1], the fraction of training done. Received: "
-            f"progress={progress!r}"
+        raise invalid(
+            "progress",
+            "a number in [0, 1], the fraction of training done",
+            progress,
         )
-    rate = _validate_real(gamma, "gamma")
+    rate = validate_real(gamma, "gamma")
     if not 0.0 < rate < math.inf:
-        raise ValueError(
-            "Invalid value received for argument `gamma`. Expected a finite "
-            f"number > 0. Received: gamma={gamma!r}"
-        )
+        raise invalid("gamma", "a finite number > 0", gamma)
     # 2 / (1 + exp(-z)) - 1 == tanh(z / 2); tanh keeps full relative precision
     # for small z, where the literal form loses digits to the subtraction.
     return math.tanh(rate * value / 2.0)
@@ -137,7 +100,7 @@ def linear_warmup(start: float, end: float, steps: int) -> Callable[[float], flo
     length = validate_count(steps, "steps", minimum=1)
 
     def warmup(step: float) -> float:
-        time = _validate_time(step, "step")
+        time = validate_time(step, "step")
         if time >= length:
             return last
         return first + (last - first) * (time / length)
@@ -171,7 +134,7 @@ def gradual_unfreeze(epoch: int) -> Callable[[float], float]:
     first_trained = validate_count(epoch, "epoch", minimum=0)
 
     def unfreeze(current: float) -> float:
-        time = _validate_time(current, "epoch")
+        time = validate_time(current, "epoch")
         return 1.0 if time >= first_trained else 0.0
 
     return unfreeze

@@ -17,7 +17,6 @@ import keras
 
 from stopgrad_lr._graph import Graph, Node, check_model, has_graph
 from stopgrad_lr._layers import SCALE_LAYERS
-from stopgrad_lr._ops import validate_scale
 from stopgrad_lr._patterns import (
     Pattern,
     describe,
@@ -25,6 +24,7 @@ from stopgrad_lr._patterns import (
     no_match_error,
     validate_pattern,
 )
+from stopgrad_lr._validation import invalid, validate_multiplier
 
 
 def check_rewritable(model: Any, function: str) -> None:
@@ -74,10 +74,10 @@ def match(
 ) -> dict[int, tuple[float, Pattern]]:
     """Layer id -> (value, pattern) for every layer a pattern selects."""
     if not isinstance(patterns, Mapping):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a dict "
-            f"mapping layer-name patterns to floats, such as {{'conv2_*': 0.1}}. "
-            f"Received: {argument}={patterns!r}"
+        raise invalid(
+            argument,
+            "a dict mapping layer-name patterns to floats, such as {'conv2_*': 0.1}",
+            patterns,
         )
     if not patterns:
         raise ValueError(
@@ -138,31 +138,6 @@ def _not_selectable(
         )
     names = [node.path for node in selectable.values()]
     return no_match_error(pattern, names)
-
-
-def validate_multiplier(value: Any, argument: str) -> float:
-    """A learning-rate multiplier: a scale (finite and not flushed to zero in
-    float32) >= 0."""
-    value = validate_scale(value, argument=argument)
-    if value < 0:
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a "
-            f"multiplier >= 0 (a negative gradient scale reverses training; "
-            f"use insert_gradient_scales or GradientReversal for that). "
-            f"Received: {argument}={value!r}"
-        )
-    return value
-
-
-def validate_flag(value: Any, argument: str) -> bool:
-    """A `True`/`False` argument; anything else (a string, 0, None) is refused,
-    since `copy="no"` would read as true."""
-    if isinstance(value, bool):
-        return value
-    raise ValueError(
-        f"Invalid value received for argument `{argument}`. Expected True or "
-        f"False. Received: {argument}={value!r} of type {type(value).__name__}"
-    )
 
 
 def match_multipliers(

@@ -42,6 +42,7 @@ from stopgrad_lr._patterns import (
     validate_pattern,
 )
 from stopgrad_lr._surgery import candidates
+from stopgrad_lr._validation import invalid
 
 _NORMALIZATION_LAYERS = (
     keras.layers.BatchNormalization,
@@ -164,11 +165,11 @@ def select(
 ) -> dict[int, float]:
     """Variable id -> value for every variable a pattern selects."""
     if not isinstance(patterns, Mapping):
-        raise ValueError(
-            f"Invalid value received for argument `{argument}`. Expected a dict "
-            f"mapping layer or variable patterns to floats, such as "
-            f"{{'backbone_*': 0.1, 'head/bias': 2.0, '@norm': 0.0}}. "
-            f"Received: {argument}={patterns!r}"
+        raise invalid(
+            argument,
+            "a dict mapping layer or variable patterns to floats, such as "
+            "{'backbone_*': 0.1, 'head/bias': 2.0, '@norm': 0.0}",
+            patterns,
         )
     all_sites = sites(graph)
     chosen: dict[int, tuple[int, float, Pattern]] = {}
@@ -194,10 +195,11 @@ def select(
 def _selected(pattern: Pattern, all_sites: list[Site]) -> list[tuple[int, Site]]:
     if isinstance(pattern, str) and pattern.startswith("@"):
         if pattern not in KINDS:
-            raise ValueError(
-                f"Invalid value received for argument `pattern`. Expected a "
-                f"layer or variable pattern, or one of the kind selectors "
-                f"{sorted(KINDS)}. Received: pattern={pattern!r}"
+            raise invalid(
+                "pattern",
+                "a layer or variable pattern, or one of the kind selectors "
+                f"{sorted(KINDS)}",
+                pattern,
             )
         return [(_KIND, site) for site in all_sites if KINDS[pattern](site)]
     found = [
