@@ -38,9 +38,15 @@ import numpy as np
 from _report import REPOSITORY, machine_description, today, write_atomically
 
 import stopgrad_lr
+from stopgrad_lr import OptimizerMismatchWarning
 from stopgrad_lr._graph import Graph
-from stopgrad_lr._optimizers import OptimizerMismatchWarning, recommend, update_kind
-from stopgrad_lr._reparam import LINEAR, SCALE_INVARIANT, reparametrize
+from stopgrad_lr._optimizer_kinds import (
+    LINEAR,
+    SCALE_INVARIANT,
+    recommend,
+    update_rule_of,
+)
+from stopgrad_lr._reparam import reparametrize
 
 MULTIPLIER = 0.1
 STEPS = 50
@@ -477,7 +483,7 @@ def recommendation(case: Case) -> str:
     optimizer = case.optimizer_factory()
     chosen = recommend(optimizer, regularized=case.block1_l2 > 0)
     if chosen == "reparametrize":
-        kind, _ = update_kind(optimizer)
+        kind, _ = update_rule_of(optimizer)
         return "reparametrize_m" if kind == SCALE_INVARIANT else "reparametrize_sqrt_m"
     return chosen
 
@@ -636,7 +642,7 @@ root with:
 picks the mechanism of the **use** column (`mechanism="auto"`), and raises
 where it says `multi_optimizer`; `stopgrad_lr.check_optimizer(optimizer,
 model)` and the warning that `model.fit` issues for a model with stopgrad_lr
-layers read the same table (`stopgrad_lr/_optimizers.py`). The other columns
+layers read the same table (`stopgrad_lr/_optimizer_kinds.py`). The other columns
 are the measured verdicts with the ratio of how far `block1` moved to how far
 it moved with the learning rate `lr * m` (1 is right, `1/m` =
 {1 / MULTIPLIER:g} means the multiplier was cancelled). A recommended gradient

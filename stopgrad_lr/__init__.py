@@ -18,25 +18,29 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import ModuleType
 
-    from stopgrad_lr._callbacks import ScaleSchedule
-    from stopgrad_lr._graph import (
+    from stopgrad_lr._analysis import (
         SummaryRow,
         effective_multipliers,
         gradient_cuts,
         summary,
     )
-    from stopgrad_lr._layers import GradientReversal, GradientScale, GradientStop
-    from stopgrad_lr._lr_finder import LRFinder, find_lr
-    from stopgrad_lr._ops import scale_gradient
-    from stopgrad_lr._optimizers import (
+    from stopgrad_lr._callbacks import ScaleSchedule
+    from stopgrad_lr._check import (
+        OptimizerCheck,
         OptimizerMismatchWarning,
         OptimizerReport,
-        ScaledSchedule,
         check_optimizer,
-        multi_optimizer,
     )
+    from stopgrad_lr._layers import (
+        GradientReversal,
+        GradientScale,
+        GradientStop,
+        ParameterScale,
+    )
+    from stopgrad_lr._lr_finder import LRFinder, find_lr
+    from stopgrad_lr._multi_optimizer import MultipliedSchedule, multi_optimizer
+    from stopgrad_lr._ops import scale_gradient
     from stopgrad_lr._plot import plot_multipliers
-    from stopgrad_lr._reparam import ParameterScale
     from stopgrad_lr._rewrite import (
         apply_lr_multipliers,
         insert_gradient_scales,
@@ -50,25 +54,29 @@ __version__ = "0.1.0"
 
 # Each public name and the private module that defines it.
 _MODULES = {
-    "stopgrad_lr._callbacks": ("ScaleSchedule",),
-    "stopgrad_lr._graph": (
+    "stopgrad_lr._analysis": (
         "SummaryRow",
         "effective_multipliers",
         "gradient_cuts",
         "summary",
     ),
-    "stopgrad_lr._layers": ("GradientReversal", "GradientScale", "GradientStop"),
-    "stopgrad_lr._lr_finder": ("LRFinder", "find_lr"),
-    "stopgrad_lr._ops": ("scale_gradient",),
-    "stopgrad_lr._optimizers": (
+    "stopgrad_lr._callbacks": ("ScaleSchedule",),
+    "stopgrad_lr._check": (
+        "OptimizerCheck",
         "OptimizerMismatchWarning",
         "OptimizerReport",
-        "ScaledSchedule",
         "check_optimizer",
-        "multi_optimizer",
     ),
+    "stopgrad_lr._layers": (
+        "GradientReversal",
+        "GradientScale",
+        "GradientStop",
+        "ParameterScale",
+    ),
+    "stopgrad_lr._lr_finder": ("LRFinder", "find_lr"),
+    "stopgrad_lr._multi_optimizer": ("MultipliedSchedule", "multi_optimizer"),
+    "stopgrad_lr._ops": ("scale_gradient",),
     "stopgrad_lr._plot": ("plot_multipliers",),
-    "stopgrad_lr._reparam": ("ParameterScale",),
     "stopgrad_lr._rewrite": (
         "apply_lr_multipliers",
         "insert_gradient_scales",
@@ -85,11 +93,12 @@ __all__ = [
     "GradientScale",
     "GradientStop",
     "LRFinder",
+    "MultipliedSchedule",
+    "OptimizerCheck",
     "OptimizerMismatchWarning",
     "OptimizerReport",
     "ParameterScale",
     "ScaleSchedule",
-    "ScaledSchedule",
     "SummaryRow",
     "__version__",
     "apply_lr_multipliers",

@@ -11,6 +11,7 @@ from typing import Any
 
 import keras
 
+from stopgrad_lr._check import warn_if_mismatched
 from stopgrad_lr._layers import GradientReversal, GradientScale
 from stopgrad_lr._patterns import (
     Pattern,
@@ -64,6 +65,9 @@ class ScaleSchedule(keras.callbacks.Callback):
     during an epoch; this callback reaches the layers through `self.model`,
     which syncs that state first. With `per="batch"` that sync happens every
     batch, which slows down training on JAX.
+
+    When training starts it also checks the model's optimizer, as
+    `stopgrad_lr.OptimizerCheck` does (scales as they are then).
 
     Args:
         layers: Which layers to schedule: a glob string matched against the
@@ -159,6 +163,9 @@ class ScaleSchedule(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._paths = self._select(self.model)
         self._current = {}
+        optimizer = getattr(self.model, "optimizer", None)
+        if isinstance(optimizer, keras.optimizers.Optimizer):
+            warn_if_mismatched(optimizer, self.model, stacklevel=3)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.per == "epoch":

@@ -1,4 +1,9 @@
-"""Keras layers around `scale_gradient`: `GradientScale` and `GradientReversal`."""
+"""The package's Keras layers: `GradientScale`, `GradientReversal`,
+`GradientStop` and `ParameterScale`.
+
+Each is pure: its `call` does only its arithmetic, so it costs what the
+arithmetic costs, in eager mode, in a traced step or in a custom loop.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,10 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras import ops
 
 from stopgrad_lr._ops import scale_gradient, validate_method
+from stopgrad_lr._optimizer_kinds import SCALE_INVARIANT, validate_update_rule
 from stopgrad_lr._validation import invalid, validate_scale
 
 
@@ -33,11 +40,11 @@ class GradientScale(keras.layers.Layer):
     `self.model.get_layer("boundary").scale = 0.5`.
 
     The scale is a learning-rate multiplier only for optimizers whose update
-    is linear in the gradient (SGD, momentum, Nesterov). The first training
-    step of `fit` checks the model's optimizer and issues one
-    `stopgrad_lr.OptimizerMismatchWarning` if it cancels or bypasses the
-    scales (Adam, weight decay, clipping...; see
-    `stopgrad_lr.check_optimizer`).
+    is linear in the gradient (SGD, momentum, Nesterov);
+    `stopgrad_lr.check_optimizer` says whether an optimizer cancels or
+    bypasses the scales (Adam, weight decay, clipping...), and the
+    `stopgrad_lr.OptimizerCheck` callback checks when training starts. The
+    layer itself does only its arithmetic.
 
     Args:
         scale: The gradient multiplier, a finite float. Defaults to 1.0.
@@ -50,7 +57,6 @@ class GradientScale(keras.layers.Layer):
     Call arguments:
         inputs: A tensor of any rank and dtype. Non-floating tensors pass
             through without a gradient.
-        training: Whether the call is a training step.
 
     Returns:
         The input, unchanged.
@@ -117,18 +123,13 @@ class GradientScale(keras.layers.Layer):
         self._scale.assign(value)
         self._last_set = value
 
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        if training:
-            # Imported here: _optimizers imports this module.
-            from stopgrad_lr._optimizers import check_training_optimizer
-
-            check_training_optimizer()
+    def call(self, inputs: Any) -> Any:
         return scale_gradient(inputs, self._scale, method=self.method)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
 
-    def compute_output_spec(self, inputs: Any, training: bool | None = None) -> Any:
+    def compute_output_spec(self, inputs: Any) -> Any:
         return keras.KerasTensor(inputs.shape, dtype=inputs.dtype)
 
     def get_config(self) -> dict[str, Any]:
@@ -261,4 +262,89 @@ class GradientStop(keras.layers.Layer):
 
 
 # Every layer this package inserts, for analysis and stripping.
+@keras.saving.register_keras_serializable(package="stopgrad_lr")
+class ParameterScale(keras.layers.Layer):
+    """Multiplies its input by a constant: the output scale of a reparametrised layer.
+
+    `stopgrad_lr.apply_lr_multipliers(..., mechanism="reparametrize")` stores
+    a layer's parameters divided by `scale` and puts this layer right after
+    it, so that the pair computes what the layer computed while the optimizer
+    sees the parameters' gradient multiplied by `scale`. An optimizer that
+    normalises the gradient (Adam, Lion, Muon...) then trains the layer with
+    its learning rate multiplied by `scale`; SGD multiplies it by
+    `scale**2`. `update_rule` records which of the two the scale was chosen
+    for, and `multiplier` is the resulting learning-rate multiplier.
+
+    The product is computed in the layer's compute dtype. With a power of two
+    as `scale` it is exact, and so is the division of the weights.
+    `stopgrad_lr.strip_gradient_scales` folds the scale back into the layer's
+    weights. The scale is fixed: the stored weights depend on it.
+
+    Args:
+        scale: The output scale `c`, a finite float > 0.
+        update_rule: `"scale_invariant"` (default) when `c` was chosen for an
+            optimizer that normalises the gradient (`multiplier == c`), or
+            `"linear"` when it was chosen for SGD (`multiplier == c**2`).
+        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: A floating tensor, the output of the reparametrised layer.
+
+    Returns:
+        `inputs * scale`.
+
+    Raises:
+        ValueError: If `scale` is not a finite float > 0 or `update_rule` is
+            unknown.
+
+    Examples:
+        >>> import numpy as np
+        >>> from stopgrad_lr import ParameterScale
+        >>> layer = ParameterScale(0.125)
+        >>> layer.multiplier
+        0.125
+        >>> x = np.array([[8.0, -2.0]], dtype="float32")
+        >>> keras.ops.convert_to_numpy(layer(x)).tolist()
+        [[1.0, -0.25]]
+        >>> ParameterScale(0.25, update_rule="linear").multiplier
+        0.0625
+    """
+
+    def __init__(
+        self, scale: float, update_rule: str = SCALE_INVARIANT, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        scale = validate_scale(scale)
+        if scale <= 0:
+            raise invalid(
+                "scale",
+                "a float > 0 (the stored weights are divided by it)",
+                scale,
+            )
+        self.scale = scale
+        self.update_rule = validate_update_rule(update_rule)
+        self.supports_masking = True
+        self._build_at_init()
+
+    @property
+    def multiplier(self) -> float:
+        """The learning-rate multiplier the layer before it gets from an
+        optimizer of kind `update_rule`."""
+        return self.scale if self.update_rule == SCALE_INVARIANT else self.scale**2
+
+    def call(self, inputs: Any) -> Any:
+        return ops.multiply(inputs, ops.cast(self.scale, inputs.dtype))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "scale": self.scale,
+            "update_rule": self.update_rule,
+        }
+
+
+# The layers that set a gradient multiplier in the graph.
 SCALE_LAYERS = (GradientScale, GradientStop)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import keras
 import numpy as np
 
+from stopgrad_lr._optimizer_kinds import unwrap
 from stopgrad_lr._validation import (
     invalid,
     validate_choice,
@@ -77,12 +78,6 @@ class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return rate * self.ratio
 
 
-def _unwrap(optimizer: Any) -> Any:
-    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer = optimizer.inner_optimizer
-    return optimizer
-
-
 def _rate_object(optimizer: Any) -> Any:
     # Keras has no public getter for the learning rate itself (the
     # `learning_rate` property evaluates a schedule), and the sweep must put
@@ -98,7 +93,7 @@ def _rate_groups(optimizer: Any) -> list[tuple[Any, float]]:
 
     Raises ValueError for a learning rate that is a plain function.
     """
-    inner = _unwrap(optimizer)
+    inner = unwrap(optimizer)
     multi_class = getattr(keras.optimizers, "MultiOptimizer", None)
     base: Any = inner
     groups = [inner]
@@ -135,7 +130,7 @@ def _rate_groups(optimizer: Any) -> list[tuple[Any, float]]:
             ratios.append(_to_float(group.learning_rate) / base_value)
         else:
             # A schedule at 0 (a warmup at step 0): the factor of a
-            # `ScaledSchedule` still gives the ratio.
+            # `MultipliedSchedule` still gives the ratio.
             ratios.append(float(getattr(_rate_object(group), "factor", 1.0)))
     return list(zip(groups, ratios, strict=True))
 

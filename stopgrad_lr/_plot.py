@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 import keras
 
-from stopgrad_lr._graph import SummaryRow, effective_multipliers, summary
+from stopgrad_lr._analysis import SummaryRow, effective_multipliers, summary
 from stopgrad_lr._layers import SCALE_LAYERS, GradientStop
 from stopgrad_lr._patterns import iter_layers
 

@@ -27,6 +27,8 @@ import numpy as np
 from keras import ops
 
 from stopgrad_lr._graph import Graph, Node
+from stopgrad_lr._layers import ParameterScale
+from stopgrad_lr._optimizer_kinds import SCALE_INVARIANT
 from stopgrad_lr._surgery import (
     Rebuild,
     candidates,
@@ -35,13 +37,6 @@ from stopgrad_lr._surgery import (
     strategy_scope,
     unique_name,
 )
-from stopgrad_lr._validation import invalid, validate_choice, validate_scale
-
-# The two kinds of optimizer a reparametrisation can serve (see _optimizers):
-# an update linear in the gradient (SGD), or one invariant to its scale (Adam).
-LINEAR = "linear"
-SCALE_INVARIANT = "scale_invariant"
-UPDATE_RULES = (SCALE_INVARIANT, LINEAR)
 
 _LAYERS = keras.layers
 # The layers whose output is linear in all their weights (BatchNormalization:
@@ -65,102 +60,6 @@ _NORMALIZATIONS = (_LAYERS.BatchNormalization, _LAYERS.LayerNormalization)
 # Positively homogeneous activations, f(c * z) = c * f(z) for c > 0: the
 # output scale can follow them, so a layer using one is not split.
 HOMOGENEOUS_ACTIVATIONS = ("linear", "relu", "leaky_relu")
-
-
-def validate_update_rule(update_rule: Any) -> str:
-    validate_choice(update_rule, "update_rule", UPDATE_RULES)
-    return str(update_rule)
-
-
-@keras.saving.register_keras_serializable(package="stopgrad_lr")
-class ParameterScale(keras.layers.Layer):
-    """Multiplies its input by a constant: the output scale of a reparametrised layer.
-
-    `stopgrad_lr.apply_lr_multipliers(..., mechanism="reparametrize")` stores
-    a layer's parameters divided by `scale` and puts this layer right after
-    it, so that the pair computes what the layer computed while the optimizer
-    sees the parameters' gradient multiplied by `scale`. An optimizer that
-    normalises the gradient (Adam, Lion, Muon...) then trains the layer with
-    its learning rate multiplied by `scale`; SGD multiplies it by
-    `scale**2`. `update_rule` records which of the two the scale was chosen
-    for, and `multiplier` is the resulting learning-rate multiplier.
-
-    The product is computed in the layer's compute dtype. With a power of two
-    as `scale` it is exact, and so is the division of the weights.
-    `stopgrad_lr.strip_gradient_scales` folds the scale back into the layer's
-    weights. The scale is fixed: the stored weights depend on it.
-
-    Args:
-        scale: The output scale `c`, a finite float > 0.
-        update_rule: `"scale_invariant"` (default) when `c` was chosen for an
-            optimizer that normalises the gradient (`multiplier == c`), or
-            `"linear"` when it was chosen for SGD (`multiplier == c**2`).
-        **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
-
-    Call arguments:
-        inputs: A floating tensor, the output of the reparametrised layer.
-        training: Whether the call is a training step (then the first call
-            checks the optimizer, see `stopgrad_lr.check_optimizer`).
-
-    Returns:
-        `inputs * scale`.
-
-    Raises:
-        ValueError: If `scale` is not a finite float > 0 or `update_rule` is
-            unknown.
-
-    Examples:
-        >>> import numpy as np
-        >>> from stopgrad_lr._reparam import ParameterScale
-        >>> layer = ParameterScale(0.125)
-        >>> layer.multiplier
-        0.125
-        >>> x = np.array([[8.0, -2.0]], dtype="float32")
-        >>> keras.ops.convert_to_numpy(layer(x)).tolist()
-        [[1.0, -0.25]]
-        >>> ParameterScale(0.25, update_rule="linear").multiplier
-        0.0625
-    """
-
-    def __init__(
-        self, scale: float, update_rule: str = SCALE_INVARIANT, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        scale = validate_scale(scale)
-        if scale <= 0:
-            raise invalid(
-                "scale",
-                "a float > 0 (the stored weights are divided by it)",
-                scale,
-            )
-        self.scale = scale
-        self.update_rule = validate_update_rule(update_rule)
-        self.supports_masking = True
-        self._build_at_init()
-
-    @property
-    def multiplier(self) -> float:
-        """The learning-rate multiplier the layer before it gets from an
-        optimizer of kind `update_rule`."""
-        return self.scale if self.update_rule == SCALE_INVARIANT else self.scale**2
-
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        if training:
-            # Imported here: _optimizers imports this module.
-            from stopgrad_lr._optimizers import check_training_optimizer
-
-            check_training_optimizer()
-        return ops.multiply(inputs, ops.cast(self.scale, inputs.dtype))
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "scale": self.scale,
-            "update_rule": self.update_rule,
-        }
 
 
 def output_scale(m: float, update_rule: str, round_to_power_of_two: bool) -> float:

@@ -16,20 +16,33 @@ from typing import Any
 
 import keras
 
-from stopgrad_lr._graph import (
-    Graph,
-    Node,
+from stopgrad_lr._analysis import (
     block_boundaries,
     cut_layers,
-    effective_multipliers,
     explain_bypass,
+    layer_multipliers,
 )
-from stopgrad_lr._layers import SCALE_LAYERS, GradientScale, GradientStop
+from stopgrad_lr._check import warn_if_mismatched
+from stopgrad_lr._graph import Graph, Node
+from stopgrad_lr._layers import (
+    SCALE_LAYERS,
+    GradientScale,
+    GradientStop,
+    ParameterScale,
+)
 from stopgrad_lr._ops import validate_method
-from stopgrad_lr._optimizers import choose_mechanism, warn_if_mismatched
+from stopgrad_lr._optimizer_kinds import (
+    LINEAR,
+    UPDATE_RULES,
+    describe_optimizer,
+    recommend,
+    settings,
+    update_rule_of,
+    validate_optimizer,
+    weight_regularizers,
+)
 from stopgrad_lr._patterns import Pattern, validate_pattern
 from stopgrad_lr._reparam import (
-    ParameterScale,
     baked_layers,
     reparametrize,
     unsupported_layers,
@@ -55,6 +68,7 @@ from stopgrad_lr._validation import (
 )
 
 ON_BYPASS = ("error", "warn", "ignore")
+MECHANISMS = ("auto", "gradient_scale", "reparametrize")
 
 # Relative tolerance when checking the multipliers a rewrite produced: the
 # scales are stored in float32.
@@ -260,6 +274,7 @@ def apply_lr_multipliers(
         optimizer,
         [layers[key].layer for key, value in targets.items() if value != 1.0],
     )
+    new_graph: Graph | None = None  # read once, for the check and the warning
     if chosen == "gradient_scale":
         try:
             boundaries = _boundaries_for(graph, targets)
@@ -274,14 +289,69 @@ def apply_lr_multipliers(
             chosen = "reparametrize"
         else:
             new_model = _insert(model, graph, boundaries, method, stop_at_zero, copy)
-            _verify(new_model, graph, targets)
+            new_graph = Graph(new_model)
+            _verify(new_graph, graph, targets)
     if chosen == "reparametrize":
         new_model = reparametrize(
             model, graph, targets, update_rule, round_to_power_of_two, copy
         )
     if optimizer is not None:
-        warn_if_mismatched(optimizer, new_model, stacklevel=2)
+        warn_if_mismatched(optimizer, new_model, stacklevel=2, graph=new_graph)
     return new_model
+
+
+def choose_mechanism(
+    mechanism: Any, optimizer: Any, changed_layers: list[Any]
+) -> tuple[str, str]:
+    """`(mechanism, kind of update)` for `apply_lr_multipliers`, where the
+    kind sets the output scale of a reparametrisation; `changed_layers` have
+    a multiplier other than 1."""
+    validate_choice(mechanism, "mechanism", MECHANISMS)
+    if optimizer is None:
+        if mechanism == "reparametrize":
+            raise ValueError(
+                "Invalid value received for argument `optimizer`. "
+                "mechanism='reparametrize' chooses the output scale from the "
+                "optimizer (c = m for Adam-like optimizers, c = sqrt(m) for "
+                "SGD): pass the optimizer you will train with. "
+                "Received: optimizer=None"
+            )
+        return "gradient_scale", LINEAR
+    validate_optimizer(optimizer)
+    kind, how = update_rule_of(optimizer)
+    name = describe_optimizer(optimizer)
+    if mechanism == "gradient_scale":
+        return "gradient_scale", kind
+    if mechanism == "reparametrize":
+        if kind not in UPDATE_RULES:
+            raise ValueError(
+                f"Cannot reparametrise for {name}: it {how}, so no output scale "
+                f"gives a layer a learning-rate multiplier. Use "
+                f"`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)`."
+            )
+        return "reparametrize", kind
+    if not changed_layers:
+        return "gradient_scale", kind
+    regularized = any(weight_regularizers(layer) for layer in changed_layers)
+    chosen = recommend(optimizer, regularized)
+    if chosen == "multi_optimizer":
+        reasons = [f"it {how}"] if kind not in UPDATE_RULES else []
+        reasons += [f"{setting} {why}" for setting, why in settings(optimizer)]
+        # Offer only what `mechanism=` then accepts: a reparametrisation
+        # needs an output scale rule for the optimizer.
+        accepted = (
+            "mechanism='gradient_scale' or 'reparametrize'"
+            if kind in UPDATE_RULES
+            else "mechanism='gradient_scale'"
+        )
+        raise ValueError(
+            f"mechanism='auto' found no mechanism that gives these multipliers "
+            f"with {name}: {'; '.join(reasons)}. Use "
+            f"`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)` to "
+            f"give each group its own optimizer, or pass {accepted} to accept "
+            f"the difference (a warning says what it is)."
+        )
+    return chosen, kind
 
 
 def layerwise_decay(
@@ -436,7 +506,7 @@ def layerwise_decay_multipliers(
         >>> stopgrad_lr.layerwise_decay_multipliers(model, "block*_out", 0.5)
         {'block0_out': 0.125, 'block1_out': 0.25, 'block2_out': 0.5, 'head': 1.0}
     """
-    return effective_multipliers(layerwise_decay(model, boundaries, decay))
+    return layer_multipliers(Graph(layerwise_decay(model, boundaries, decay)))
 
 
 def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Model:
@@ -580,14 +650,11 @@ def _boundaries_for(graph: Graph, targets: Mapping[int, float]) -> dict[int, flo
     target; the scale at a cut is its level divided by its parent's.
     """
     cut_of_layer = cut_layers(graph)
-    calls: dict[int, int] = {}
-    for node in graph.nodes:
-        calls[id(node.layer)] = calls.get(id(node.layer), 0) + 1
     cut_nodes = [
         node
-        for node in (graph.nodes[index] for index in graph.order)
+        for node in graph.nodes
         if node.scale is None
-        and calls[id(node.layer)] == 1
+        and graph.calls(node.layer) == 1
         and id(node.layer) in cut_of_layer
         and cut_of_layer[id(node.layer)] is None
     ]
@@ -595,7 +662,7 @@ def _boundaries_for(graph: Graph, targets: Mapping[int, float]) -> dict[int, flo
     parent: dict[int, int | None] = {}
     assigned = open_cuts = 0  # bit sets of node indices
     for cut in cut_nodes:
-        region = graph.above[cut.index]
+        region = graph.ancestors()[cut.index]
         for index in _bits(region & ~assigned):
             segment[index] = cut.index
         for child in _bits(region & open_cuts):
@@ -607,8 +674,8 @@ def _boundaries_for(graph: Graph, targets: Mapping[int, float]) -> dict[int, flo
 
     reaches = graph.reaches_output()
     wanted: dict[int | None, dict[float, Node]] = {}
-    for index in graph.order:
-        node = graph.nodes[index]
+    for node in graph.nodes:
+        index = node.index
         if node.trainable and reaches[index]:
             owner = segment.get(index)
             wanted.setdefault(owner, {}).setdefault(targets[id(node.layer)], node)
@@ -673,9 +740,8 @@ def _boundaries_for(graph: Graph, targets: Mapping[int, float]) -> dict[int, flo
 
 
 def _raise_inseparable(graph: Graph, values: Mapping[float, Node]) -> None:
-    position = {index: rank for rank, index in enumerate(graph.order)}
     (first_value, first), (second_value, second) = sorted(
-        values.items(), key=lambda item: position[item[1].index]
+        values.items(), key=lambda item: item[1].index
     )[:2]
     detour = ""
     if graph.cuts().get(first.index) is False:
@@ -691,9 +757,10 @@ def _raise_inseparable(graph: Graph, values: Mapping[float, Node]) -> None:
     )
 
 
-def _verify(new_model: keras.Model, graph: Graph, targets: Mapping[int, float]) -> None:
+def _verify(new_graph: Graph, graph: Graph, targets: Mapping[int, float]) -> None:
+    """Checks that the new model gives every layer its target multiplier."""
     reaches = graph.reaches_output()
-    got = effective_multipliers(new_model)
+    got = layer_multipliers(new_graph)
     for node in graph.nodes:
         if not (node.trainable and reaches[node.index]):
             continue

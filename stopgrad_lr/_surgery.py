@@ -54,10 +54,9 @@ def candidates(graph: Graph) -> dict[int, Node]:
     """The layers a pattern may select: every layer object (first call
     site), but not stopgrad_lr's own gradient layers."""
     found: dict[int, Node] = {}
-    for index in graph.order:
-        node = graph.nodes[index]
+    for node in graph.first_calls():
         if not isinstance(node.layer, SCALE_LAYERS):
-            found.setdefault(id(node.layer), node)
+            found[id(node.layer)] = node
     return found
 
 

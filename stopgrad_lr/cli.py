@@ -39,7 +39,8 @@ from stopgrad_lr import __version__
 if TYPE_CHECKING:
     import keras
 
-    from stopgrad_lr._patterns import Pattern
+    # What the library's functions take as a layer-name pattern.
+    Pattern = str | re.Pattern[str]
 
 PROG = "stopgrad-lr"
 # A pattern with this prefix is a regular expression; any other is a glob.
@@ -348,10 +349,10 @@ def _patterns(
 
 def _inspect(args: argparse.Namespace) -> int:
     model = _load(args.model, args.unsafe, args.verbose)
-    from stopgrad_lr._graph import summary
+    import stopgrad_lr
 
     with _library_errors():
-        summary(model)
+        stopgrad_lr.summary(model)
     return 0
 
 
@@ -382,7 +383,7 @@ def _rewrite(args: argparse.Namespace) -> int:
         )
     target = _check_output(args.input, args.output, args.force)
     model = _load(args.input, args.unsafe, args.verbose)
-    from stopgrad_lr._graph import summary
+    from stopgrad_lr import summary
 
     with _library_errors():
         new_model = _rewritten(model, kind, patterns, args)
@@ -398,7 +399,7 @@ def _rewritten(
     patterns: dict[Pattern, float],
     args: argparse.Namespace,
 ) -> keras.Model:
-    from stopgrad_lr._rewrite import (
+    from stopgrad_lr import (
         apply_lr_multipliers,
         insert_gradient_scales,
         layerwise_decay,
@@ -446,7 +447,7 @@ def _optimizer(name: str) -> keras.optimizers.Optimizer:
 def _strip(args: argparse.Namespace) -> int:
     target = _check_output(args.input, args.output, args.force)
     model = _load(args.input, args.unsafe, args.verbose)
-    from stopgrad_lr._rewrite import strip_gradient_scales
+    from stopgrad_lr import strip_gradient_scales
 
     with _library_errors():
         stripped = strip_gradient_scales(model)
@@ -700,12 +701,14 @@ def _count_own_layers(model: keras.Model) -> int:
     """How many layers of this package (registered under `stopgrad_lr>`)."""
     import keras
 
-    from stopgrad_lr._patterns import iter_layers
+    def own(layer: Any) -> int:
+        name = keras.saving.get_registered_name(type(layer))
+        inner = (
+            getattr(layer, "layers", None) if isinstance(layer, keras.Model) else None
+        )
+        return name.startswith("stopgrad_lr>") + sum(own(sub) for sub in inner or ())
 
-    return sum(
-        keras.saving.get_registered_name(type(layer)).startswith("stopgrad_lr>")
-        for _, layer in iter_layers(model)
-    )
+    return sum(own(layer) for layer in model.layers)
 
 
 def _print_error(message: Any) -> None:

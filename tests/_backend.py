@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
+
+import stopgrad_lr
 
 BACKEND = keras.backend.backend()
 
@@ -151,3 +154,26 @@ def forward(model: Any, inputs: Any, training: bool) -> list[np.ndarray]:
     else:
         result = model(inputs, training=training)
     return [to_numpy(t) for t in keras.tree.flatten(result)]
+
+
+def layer_by_path(model, path):
+    layer = model
+    for name in path.split("/"):
+        layer = layer.get_layer(name)
+    return layer
+
+
+def assert_measured_multipliers(original, rewritten, data, tolerance=1e-5):
+    """Each layer's gradient ratio equals what effective_multipliers says."""
+    before, after = weight_gradients(original, data), weight_gradients(rewritten, data)
+    reported = stopgrad_lr.effective_multipliers(rewritten)
+    assert reported, "no trainable layer was analysed"
+    for path, multiplier in reported.items():
+        for variable in layer_by_path(original, path).trainable_variables:
+            if math.isnan(multiplier):
+                continue
+            error = relative_error(
+                after[id(variable)], multiplier * before[id(variable)]
+            )
+            assert error <= tolerance, f"{path}: {error:.2e}"
+    return reported

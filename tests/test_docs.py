@@ -6,7 +6,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from stopgrad_lr._optimizers import recommend
+from stopgrad_lr._optimizer_kinds import recommend
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 CODE_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)

@@ -437,7 +437,7 @@ def test_gradient_scales_and_multi_optimizer_groups_compound_and_are_reported():
     assert all("strip_gradient_scales" in problem for problem in report.problems)
     decayed.compile(optimizer, "mse", jit_compile=False)
     with pytest.warns(stopgrad_lr.OptimizerMismatchWarning, match="multiply"):
-        decayed.train_on_batch(x, y)
+        decayed.fit(x, y, epochs=1, verbose=0, callbacks=[stopgrad_lr.OptimizerCheck()])
     # The same scales with a MultiOptimizer of plain rates: fine.
     plain = multi_optimizer(model, {}, OPT.SGD(0.1))
     assert check_optimizer(plain, decayed).ok

@@ -16,14 +16,18 @@ import keras
 import numpy as np
 import pytest
 
-from stopgrad_lr import GradientReversal, GradientScale, apply_lr_multipliers
-from stopgrad_lr._optimizers import (
-    OPTIMIZER_TABLE,
+import stopgrad_lr
+from stopgrad_lr import (
+    GradientReversal,
+    GradientScale,
+    MultipliedSchedule,
+    OptimizerCheck,
     OptimizerMismatchWarning,
-    ScaledSchedule,
+    apply_lr_multipliers,
     check_optimizer,
     multi_optimizer,
 )
+from stopgrad_lr._optimizer_kinds import OPTIMIZER_TABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import optimizer_table
@@ -227,15 +231,32 @@ def test_check_optimizer_rejects_what_is_not_an_optimizer():
 # The warning at fit ---------------------------------------------------------------
 
 
-def fit_and_record(model, optimizer, epochs=2, **compile_kwargs):
-    """Fits two epochs of three steps; returns the OptimizerMismatchWarnings."""
+def fit_and_record(model, optimizer, epochs=2, callbacks=None, **compile_kwargs):
+    """Fits two epochs of three steps, by default with an OptimizerCheck;
+    returns the OptimizerMismatchWarnings."""
     model.compile(optimizer=optimizer, loss="mse", **compile_kwargs)
     x = np.random.default_rng(0).standard_normal((12, 6)).astype("float32")
     y = np.zeros((12, 3), "float32")
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
-        model.fit(x, y, batch_size=4, epochs=epochs, verbose=0)
+        model.fit(
+            x,
+            y,
+            batch_size=4,
+            epochs=epochs,
+            verbose=0,
+            callbacks=[OptimizerCheck()] if callbacks is None else callbacks,
+        )
     return [r for r in records if r.category is OptimizerMismatchWarning]
+
+
+def test_a_plain_fit_checks_nothing_and_a_scale_schedule_checks():
+    # The layers are pure (docs/architecture.md): without a callback that
+    # checks, fit says nothing about the optimizer.
+    assert not fit_and_record(scaled_mlp(), OPT.Adam(), callbacks=[])
+    schedule = stopgrad_lr.ScaleSchedule("*", lambda epoch: 0.1)
+    (record,) = fit_and_record(scaled_mlp(), OPT.Adam(), callbacks=[schedule])
+    assert "'block1' (multiplier 0.1)" in str(record.message)
 
 
 def test_fit_with_adam_warns_once_naming_the_problem_and_the_fix():
@@ -375,7 +396,7 @@ def test_multi_optimizer_scales_a_schedule_and_keeps_loss_scaling():
     )
     assert rates == pytest.approx([0.05, 0.1])
     assert all(opt.momentum == 0.9 for opt in groups)
-    assert float(ScaledSchedule(schedule, 0.5)(10)) == pytest.approx(0.025)
+    assert float(MultipliedSchedule(schedule, 0.5)(10)) == pytest.approx(0.025)
 
 
 def test_a_compiled_model_with_a_multi_optimizer_survives_save_and_load(tmp_path):

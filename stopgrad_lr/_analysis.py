@@ -1,0 +1,322 @@
+"""What the graph says about learning rates: each layer's effective
+multiplier, the cuts where a scale is clean, the automatic block
+boundaries, and the summary table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import keras
+
+from stopgrad_lr._graph import Graph, Node, check_model
+from stopgrad_lr._validation import invalid
+
+
+def _multiplier(values: frozenset[float]) -> float:
+    if len(values) == 1:
+        return next(iter(values))
+    return math.nan if values else 0.0
+
+
+def _layer_multiplier_sets(graph: Graph) -> dict[int, frozenset[float]]:
+    """Per layer object: the union of the multiplier sets of its call sites."""
+    node_sets = graph.multiplier_sets()
+    per_layer: dict[int, set[float]] = {}
+    for node in graph.nodes:
+        per_layer.setdefault(id(node.layer), set()).update(node_sets[node.index])
+    return {key: frozenset(values) for key, values in per_layer.items()}
+
+
+def effective_multipliers(model: keras.Model) -> dict[str, float]:
+    """The learning-rate multiplier that each trainable layer really gets.
+
+    For every layer with trainable weights, the product of the gradient
+    scales on its paths to the model's outputs. When all paths agree, that
+    product is the layer's multiplier: with an SGD-like optimizer the layer
+    trains as if its learning rate were multiplied by it.
+
+    When paths disagree the value is `nan`: the layer's gradient is a sum of
+    path gradients scaled differently (a residual connection that bypasses a
+    scale, a second model output, another call of a shared layer), so no
+    single multiplier describes it. `stopgrad_lr.summary` lists the products
+    found. A layer with no float path to an output gets 0.0.
+
+    Args:
+        model: A built functional or Sequential model; nested models are
+            analysed too.
+
+    Returns:
+        A dict from layer path (its name, or `"outer/inner"` inside a nested
+        model) to its multiplier, in topological order.
+
+    Raises:
+        ValueError: If `model` is not a built functional or Sequential model.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> inputs = keras.Input((4,))
+        >>> hidden = keras.layers.Dense(8, name="body")(inputs)
+        >>> hidden = stopgrad_lr.GradientScale(0.1)(hidden)
+        >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+        >>> stopgrad_lr.effective_multipliers(model)
+        {'body': 0.1, 'head': 1.0}
+    """
+    check_model(model, "analyse")
+    return layer_multipliers(Graph(model))
+
+
+def layer_multipliers(graph: Graph) -> dict[str, float]:
+    """`effective_multipliers` of the model that `graph` was read from."""
+    sets = _layer_multiplier_sets(graph)
+    return {
+        node.path: _multiplier(sets[id(node.layer)])
+        for node in graph.first_calls()
+        if node.trainable
+    }
+
+
+def block_boundaries(graph: Graph) -> list[Node]:
+    """The layers after which layer-wise decay puts a scale when asked to
+    choose the blocks itself, in topological order.
+
+    A boundary is a cut through which the whole network passes: every layer
+    with trainable weights before it (in topological order) lies upstream of
+    it, and every one after it downstream. Of consecutive such cuts with no
+    trainable layer between them, the last one is the boundary (a block's
+    output, just before the next block starts). The last block, the head,
+    gets none. A shared layer or a stopgrad_lr layer is never a boundary.
+    """
+    cuts = graph.cuts()
+    above = graph.ancestors()
+    reaches = graph.reaches_output()
+    trains = [node.trainable and reaches[node.index] for node in graph.nodes]
+    downstream_of_all_later: dict[int, int] = {}
+    later = -1  # the AND of `above` over the trainable layers after a node
+    for index in reversed(range(len(graph.nodes))):
+        downstream_of_all_later[index] = later
+        if trains[index]:
+            later &= above[index]
+    boundaries: list[Node] = []
+    pending: Node | None = None
+    earlier = 0  # the trainable layers before a node
+    for node in graph.nodes:
+        index = node.index
+        if trains[index] and pending is not None:
+            boundaries.append(pending)
+            pending = None
+        if (
+            cuts.get(index)
+            and node.scale is None
+            and graph.calls(node.layer) == 1
+            and not earlier & ~above[index]
+            and downstream_of_all_later[index] >> index & 1
+        ):
+            pending = node
+        if trains[index]:
+            earlier |= 1 << index
+    return boundaries
+
+
+def cut_layers(graph: Graph) -> dict[int, Node | None]:
+    """Per layer object with weights upstream: None if a scale after each of
+    its calls gives a clean multiplier, else the call that does not
+    (`explain_bypass` says why; it is not computed here, to stay linear).
+
+    A shared layer is a cut when each call is, and no call feeds another
+    (then its own weights would get the scale once along one call and twice
+    along the other).
+    """
+    cuts = graph.cuts()
+    sites: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        if node.index in cuts:
+            sites.setdefault(id(node.layer), []).append(node)
+    per_layer: dict[int, Node | None] = {}
+    for key, nodes in sites.items():
+        per_layer[key] = next(
+            (
+                node
+                for node in nodes
+                if not cuts[node.index] or _feeds_itself(graph, node, nodes)
+            ),
+            None,
+        )
+    return per_layer
+
+
+def _feeds_itself(graph: Graph, node: Node, calls: list[Node]) -> bool:
+    """Whether another call of the same layer lies downstream of `node`."""
+    return any(
+        other is not node and graph.ancestors()[other.index] >> node.index & 1
+        for other in calls
+    )
+
+
+def explain_bypass(graph: Graph, node: Node) -> str:
+    """Why a scale after `node` (a non-cut from `cut_layers`) is bypassed."""
+    if graph.cuts()[node.index]:
+        return (
+            f"{node.path} -> {node.path} (its output feeds another call of the "
+            f"same layer)"
+        )
+    source, destination = graph.bypass(node)
+    return f"{source.path} -> {destination.path}"
+
+
+def gradient_cuts(model: keras.Model) -> list[str]:
+    """The layers where a gradient scale gives a clean multiplier.
+
+    A layer is a cut when every gradient path from the trainable weights
+    upstream of it (its own included) to the model's outputs passes through
+    its output. A scale there multiplies the gradient of all of them by
+    exactly the scale. A layer inside a residual block is not a cut: the skip
+    connection carries part of the gradient around it. Only float tensors are
+    gradient paths; a shared layer is a cut when each of its calls is.
+    stopgrad_lr's own layers are not listed.
+
+    Args:
+        model: A built functional or Sequential model.
+
+    Returns:
+        Layer paths in topological order.
+
+    Raises:
+        ValueError: If `model` is not a built functional or Sequential model.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> inputs = keras.Input((4,))
+        >>> body = keras.layers.Dense(4, name="body")(inputs)
+        >>> branch = keras.layers.Dense(4, name="branch")(body)
+        >>> added = keras.layers.Add(name="add")([body, branch])
+        >>> model = keras.Model(inputs, keras.layers.Dense(1, name="head")(added))
+        >>> stopgrad_lr.gradient_cuts(model)
+        ['body', 'add', 'head']
+    """
+    check_model(model, "analyse")
+    graph = Graph(model)
+    cuts = cut_layers(graph)
+    result: list[str] = []
+    for node in graph.first_calls():
+        key = id(node.layer)
+        if node.scale is None and key in cuts and cuts[key] is None:
+            result.append(node.path)
+    return result
+
+
+class SummaryRow(NamedTuple):
+    """One row of `stopgrad_lr.summary`."""
+
+    layer: str
+    type: str
+    trainable_params: int
+    is_cut: bool
+    multipliers: tuple[float, ...]
+
+    @property
+    def multiplier(self) -> float:
+        """The single multiplier, `nan` when paths disagree (see `multipliers`)."""
+        return _multiplier(frozenset(self.multipliers))
+
+
+def summary(
+    model: keras.Model, print_fn: Callable[[str], None] | None = print
+) -> list[SummaryRow]:
+    """Prints each layer with its cut status and effective multiplier.
+
+    Like `model.summary()`, one line per layer (nested models expanded):
+    type, number of trainable parameters, whether the layer is a cut (a scale
+    after it gives everything upstream a clean multiplier), and the product
+    of the gradient scales between its output and the model's outputs, or
+    every distinct product when paths disagree.
+
+    Args:
+        model: A built functional or Sequential model.
+        print_fn: Called with each line; `None` prints nothing.
+
+    Returns:
+        The rows, as `SummaryRow` tuples, in topological order.
+
+    Raises:
+        ValueError: If `model` is not a built functional or Sequential model.
+
+    Examples:
+        >>> import keras, stopgrad_lr
+        >>> inputs = keras.Input((4,))
+        >>> hidden = keras.layers.Dense(8, name="body")(inputs)
+        >>> hidden = stopgrad_lr.GradientScale(0.1, name="scale")(hidden)
+        >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
+        >>> rows = stopgrad_lr.summary(model)
+        Layer  Type           Trainable params  Cut  Multiplier
+        body   Dense                        40  yes         0.1
+        scale  GradientScale                 0    -           1
+        head   Dense                        18  yes           1
+        Total trainable params: 58
+        >>> rows[0].multiplier
+        0.1
+    """
+    check_model(model, "summarise")
+    if print_fn is not None and not callable(print_fn):
+        raise invalid(
+            "print_fn",
+            "a function called with each line (such as `print`, the default), or None"
+            " to print nothing",
+            print_fn,
+        )
+    graph = Graph(model)
+    sets = _layer_multiplier_sets(graph)
+    cuts = cut_layers(graph)
+    rows: list[SummaryRow] = []
+    for node in graph.first_calls():
+        key = id(node.layer)
+        # A nested model's container row would repeat its layers' weights; a
+        # raw operation (`x + 1.0`) has none.
+        weights = node.layer.trainable_weights if node.trainable else []
+        rows.append(
+            SummaryRow(
+                node.path,
+                type(node.layer).__name__,
+                sum(math.prod(w.shape) for w in weights),
+                key in cuts and cuts[key] is None and node.scale is None,
+                tuple(sorted(sets[key])),
+            )
+        )
+    if print_fn is not None:
+        for line in _format_rows(rows, graph, cuts):
+            print_fn(line)
+    return rows
+
+
+def _format_rows(
+    rows: list[SummaryRow], graph: Graph, cuts: dict[int, Any]
+) -> list[str]:
+    layers = {node.path: node for node in graph.nodes}
+    table = [("Layer", "Type", "Trainable params", "Cut", "Multiplier")]
+    for row in rows:
+        node = layers[row.layer]
+        if node.scale is not None or id(node.layer) not in cuts:
+            cut = "-"  # a scale layer itself, or no weights upstream
+        else:
+            cut = "yes" if row.is_cut else "no"
+        values = ", ".join(f"{v:g}" for v in row.multipliers) or "none"
+        table.append(
+            (
+                row.layer,
+                row.type,
+                str(row.trainable_params),
+                cut,
+                values if len(row.multipliers) < 2 else f"mixed: {values}",
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(5)]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < 2 or i == 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in table
+    ]
+    total = sum(row.trainable_params for row in rows)
+    return [*lines, f"Total trainable params: {total}"]
