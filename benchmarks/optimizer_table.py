@@ -641,8 +641,9 @@ root with:
 `stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=optimizer)`
 picks the mechanism of the **use** column (`mechanism="auto"`), and raises
 where it says `multi_optimizer`; `stopgrad_lr.check_optimizer(optimizer,
-model)` and the warning that `model.fit` issues for a model with stopgrad_lr
-layers read the same table (`stopgrad_lr/_optimizer_kinds.py`). The other columns
+model)` and its warning (from `stopgrad_lr.OptimizerCheck` or `ScaleSchedule`
+when `fit` starts) read the same table (`stopgrad_lr/_optimizer_kinds.py`). The
+other columns
 are the measured verdicts with the ratio of how far `block1` moved to how far
 it moved with the learning rate `lr * m` (1 is right, `1/m` =
 {1 / MULTIPLIER:g} means the multiplier was cancelled). A recommended gradient

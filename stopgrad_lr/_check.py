@@ -282,22 +282,22 @@ _COMPOUND = "compound"
 def _problems(item: _Scaled, owner: Any, factor: float = 1.0) -> Iterator[str]:
     """The problems of one scaled layer under the optimizer that updates it
     (a MultiOptimizer group whose rate is `factor` times the default's): a
-    kind above, or an optimizer setting such as `"weight_decay=0.004"`."""
-    kind, _ = update_rule_of(owner)
+    rule above, or an optimizer setting such as `"weight_decay=0.004"`."""
+    rule, _ = update_rule_of(owner)
     m = item.multiplier
     works = False
     if item.parameter_scale is None:
         # A zero scale stays zero and -1 stays -1 under normalisation.
         if not item.stopped and (
-            kind not in UPDATE_RULES
-            or (kind == SCALE_INVARIANT and abs(m) not in (0.0, 1.0))
+            rule not in UPDATE_RULES
+            or (rule == SCALE_INVARIANT and abs(m) not in (0.0, 1.0))
         ):
             yield _CANCELLED
         else:
-            works = kind == LINEAR
+            works = rule == LINEAR
         if item.layer is not None and weight_regularizers(item.layer):
             yield _REGULARIZER
-    elif kind != item.parameter_scale.update_rule:
+    elif rule != item.parameter_scale.update_rule:
         yield _WRONG_RULE
     else:
         works = True
@@ -321,7 +321,7 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], owners: _Owners) -
     inside a MultiOptimizer (which `apply_lr_multipliers` does not take)
     the MultiOptimizer's own groups.
     """
-    kind, how = update_rule_of(owner)
+    rule, how = update_rule_of(owner)
     label = owners.label(owner)
     strip = "`stopgrad_lr.strip_gradient_scales(model)`"
     if owners.in_multi:
@@ -335,7 +335,7 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], owners: _Owners) -
     rewrite = "`stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=...)`"
     rewrites = not owners.in_multi and recommend(owner) != "multi_optimizer"
     layers = _listing(items, lambda item: f"multiplier {item.multiplier:g}")
-    if problem == _CANCELLED and kind == SCALE_INVARIANT:
+    if problem == _CANCELLED and rule == SCALE_INVARIANT:
         fix = (
             f"{rewrite} reparametrises them for {label}, or {multi} gives them "
             f"their learning rates"
@@ -346,7 +346,7 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], owners: _Owners) -
             f"{label} {how}, which cancels a constant gradient scale, so these "
             f"layers train at about the full learning rate{layers}. Fix: {fix}."
         )
-    if problem == _CANCELLED and kind == NEITHER:
+    if problem == _CANCELLED and rule == NEITHER:
         return (
             f"{label} {how}: for it neither a gradient scale nor a "
             f"reparametrisation is a learning-rate multiplier, so these layers "
@@ -378,8 +378,8 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], owners: _Owners) -
         meant = sorted(
             {item.parameter_scale.update_rule for item in items if item.parameter_scale}
         )
-        layers = _listing(items, lambda item: _reparametrised(kind, item))
-        if kind not in UPDATE_RULES:
+        layers = _listing(items, lambda item: _reparametrised(rule, item))
+        if rule not in UPDATE_RULES:
             fix = f"no output scale is a multiplier for it{layers}. Fix: {multi}."
         else:
             then = rewrite if rewrites else multi
@@ -399,7 +399,7 @@ def _sentence(problem: str, owner: Any, items: list[_Scaled], owners: _Owners) -
         fix = (
             f"{rewrite} with mechanism='reparametrize' rewrites the regularizers "
             f"to match, or {multi}"
-            if kind in UPDATE_RULES and not owners.in_multi
+            if rule in UPDATE_RULES and not owners.in_multi
             else multi
         )
         return (
@@ -421,12 +421,12 @@ _RULE_TEXT = {
 }
 
 
-def _reparametrised(kind: str, item: _Scaled) -> str:
+def _reparametrised(rule: str, item: _Scaled) -> str:
     scale = item.parameter_scale.scale if item.parameter_scale else math.nan
     wanted = f"{item.multiplier:g}"
-    if kind == LINEAR:
+    if rule == LINEAR:
         return f"c = {scale:g}: multiplier {scale**2:g} instead of {wanted}"
-    if kind == SCALE_INVARIANT:
+    if rule == SCALE_INVARIANT:
         return f"c = {scale:g}: multiplier {scale:g} instead of {wanted}"
     return f"c = {scale:g}, meant for multiplier {wanted}"
 

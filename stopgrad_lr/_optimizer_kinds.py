@@ -28,8 +28,8 @@ NEITHER = "neither"
 
 _OPT = keras.optimizers
 _NORMALISES = "divides the gradient by a running estimate of its own size"
-# Optimizer class -> (kind of update, what it does with the gradient). The
-# kind is measured for every class by benchmarks/optimizer_table.py.
+# Optimizer class -> (update rule, what it does with the gradient). The
+# rule is measured for every class by benchmarks/optimizer_table.py.
 OPTIMIZER_TABLE: dict[type, tuple[str, str]] = {
     _OPT.SGD: (LINEAR, "makes an update proportional to the gradient"),
     _OPT.Adam: (SCALE_INVARIANT, _NORMALISES),
@@ -101,22 +101,23 @@ def describe_optimizer(optimizer: Any) -> str:
 
 
 def update_rule_of(optimizer: Any) -> tuple[str, str]:
-    """`(kind, what it does with the gradient)` for a (wrapped) optimizer:
-    kind is `"linear"`, `"scale_invariant"`, `"neither"` or `"unknown"`."""
+    """`(update rule, what it does with the gradient)` for a (wrapped)
+    optimizer; the rule is `"linear"`, `"scale_invariant"`, `"neither"` or
+    `"unknown"`."""
     optimizer = unwrap(optimizer)
     for cls in type(optimizer).__mro__:
         if cls in OPTIMIZER_TABLE:
-            kind, how = OPTIMIZER_TABLE[cls]
+            rule, how = OPTIMIZER_TABLE[cls]
             epsilon = getattr(optimizer, "epsilon", None) or 0.0
             if isinstance(optimizer, _EPSILON_UNDER_ROOT):
                 epsilon = math.sqrt(epsilon)
-            if kind == SCALE_INVARIANT and epsilon > EPSILON_LIMIT:
+            if rule == SCALE_INVARIANT and epsilon > EPSILON_LIMIT:
                 return NEITHER, (
                     f"{how}, but its epsilon is {epsilon:.2g} in gradient units, "
                     f"not small next to gradients (above {EPSILON_LIMIT:g}), so "
                     f"its update is between SGD's and Adam's"
                 )
-            return kind, how
+            return rule, how
     return "unknown", "is not in stopgrad_lr's optimizer table"
 
 
@@ -157,10 +158,10 @@ def recommend(optimizer: Any, regularized: bool = False) -> str:
     `regularized`: whether a layer with a multiplier other than 1 has a
     weight regularizer (whose gradient a gradient scale does not scale).
     """
-    kind, _ = update_rule_of(optimizer)
-    if settings(optimizer) or kind not in UPDATE_RULES:
+    rule, _ = update_rule_of(optimizer)
+    if settings(optimizer) or rule not in UPDATE_RULES:
         return "multi_optimizer"
-    if kind == LINEAR and not regularized:
+    if rule == LINEAR and not regularized:
         return "gradient_scale"
     return "reparametrize"
 

@@ -303,8 +303,8 @@ def apply_lr_multipliers(
 def choose_mechanism(
     mechanism: Any, optimizer: Any, changed_layers: list[Any]
 ) -> tuple[str, str]:
-    """`(mechanism, kind of update)` for `apply_lr_multipliers`, where the
-    kind sets the output scale of a reparametrisation; `changed_layers` have
+    """`(mechanism, update rule)` for `apply_lr_multipliers`, where the
+    rule sets the output scale of a reparametrisation; `changed_layers` have
     a multiplier other than 1."""
     validate_choice(mechanism, "mechanism", MECHANISMS)
     if optimizer is None:
@@ -318,30 +318,30 @@ def choose_mechanism(
             )
         return "gradient_scale", LINEAR
     validate_optimizer(optimizer)
-    kind, how = update_rule_of(optimizer)
+    rule, how = update_rule_of(optimizer)
     name = describe_optimizer(optimizer)
     if mechanism == "gradient_scale":
-        return "gradient_scale", kind
+        return "gradient_scale", rule
     if mechanism == "reparametrize":
-        if kind not in UPDATE_RULES:
+        if rule not in UPDATE_RULES:
             raise ValueError(
                 f"Cannot reparametrise for {name}: it {how}, so no output scale "
                 f"gives a layer a learning-rate multiplier. Use "
                 f"`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)`."
             )
-        return "reparametrize", kind
+        return "reparametrize", rule
     if not changed_layers:
-        return "gradient_scale", kind
+        return "gradient_scale", rule
     regularized = any(weight_regularizers(layer) for layer in changed_layers)
     chosen = recommend(optimizer, regularized)
     if chosen == "multi_optimizer":
-        reasons = [f"it {how}"] if kind not in UPDATE_RULES else []
+        reasons = [f"it {how}"] if rule not in UPDATE_RULES else []
         reasons += [f"{setting} {why}" for setting, why in settings(optimizer)]
         # Offer only what `mechanism=` then accepts: a reparametrisation
         # needs an output scale rule for the optimizer.
         accepted = (
             "mechanism='gradient_scale' or 'reparametrize'"
-            if kind in UPDATE_RULES
+            if rule in UPDATE_RULES
             else "mechanism='gradient_scale'"
         )
         raise ValueError(
@@ -351,7 +351,7 @@ def choose_mechanism(
             f"give each group its own optimizer, or pass {accepted} to accept "
             f"the difference (a warning says what it is)."
         )
-    return chosen, kind
+    return chosen, rule
 
 
 def layerwise_decay(
