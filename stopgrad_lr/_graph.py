@@ -61,6 +61,26 @@ class Node:
         return bool(getattr(self.layer, "trainable_weights", None))
 
     @property
+    def frozen(self) -> bool:
+        """Whether the call is of a frozen layer: one with weights but none
+        that train, because `trainable = False` is set on it (or on a model
+        around it), or on the gamma and beta of a BatchNormalization (a
+        freeze that keeps its batch statistics, see `_freeze`)."""
+        layer = self.layer
+        if (
+            has_graph(layer)
+            or isinstance(layer, SCALE_LAYERS)
+            or not getattr(layer, "weights", None)
+            or layer.trainable_weights
+        ):
+            return False
+        if not layer.trainable:
+            return True
+        return isinstance(layer, keras.layers.BatchNormalization) and (
+            layer.gamma is not None or layer.beta is not None
+        )
+
+    @property
     def scale(self) -> float | None:
         """The gradient multiplier of a stopgrad_lr layer, else None."""
         if isinstance(self.layer, SCALE_LAYERS):
@@ -413,12 +433,15 @@ def _multiplier(values: frozenset[float]) -> float:
 
 
 def _layer_multiplier_sets(graph: Graph) -> dict[int, frozenset[float]]:
-    """Per layer object: the union of the multiplier sets of its call sites."""
+    """Per layer object: the union of the multiplier sets of its call sites,
+    and {0.0} for a frozen layer, whose learning rate is 0 whatever reaches
+    it."""
     node_sets = graph.multiplier_sets()
     per_layer: dict[int, set[float]] = {}
     for index in graph.order:
         node = graph.nodes[index]
-        per_layer.setdefault(id(node.layer), set()).update(node_sets[index])
+        values = {0.0} if node.frozen else node_sets[index]
+        per_layer.setdefault(id(node.layer), set()).update(values)
     return {key: frozenset(values) for key, values in per_layer.items()}
 
 
@@ -434,7 +457,9 @@ def effective_multipliers(model: keras.Model) -> dict[str, float]:
     path gradients scaled differently (a residual connection that bypasses a
     scale, a second model output, another call of a shared layer), so no
     single multiplier describes it. `stopgrad_lr.summary` lists the products
-    found. A layer with no float path to an output gets 0.0.
+    found. A layer with no float path to an output gets 0.0, and so does a
+    frozen one (weights but none trainable: `trainable = False`, such as the
+    layers upstream of a freeze by `insert_gradient_scales`).
 
     Args:
         model: A built functional or Sequential model; nested models are
@@ -462,7 +487,7 @@ def effective_multipliers(model: keras.Model) -> dict[str, float]:
     result: dict[str, float] = {}
     for index in graph.order:
         node = graph.nodes[index]
-        if node.trainable and node.path not in result:
+        if (node.trainable or node.frozen) and node.path not in result:
             result[node.path] = _multiplier(sets[id(node.layer)])
     return result
 
@@ -628,7 +653,8 @@ def summary(
     type, number of trainable parameters, whether the layer is a cut (a scale
     after it gives everything upstream a clean multiplier), and the product
     of the gradient scales between its output and the model's outputs, or
-    every distinct product when paths disagree.
+    every distinct product when paths disagree; a frozen layer (weights but
+    none trainable) reads `0 (frozen)`.
 
     Args:
         model: A built functional or Sequential model.
@@ -703,6 +729,8 @@ def _format_rows(
         else:
             cut = "yes" if row.is_cut else "no"
         values = ", ".join(f"{v:g}" for v in row.multipliers) or "none"
+        if node.frozen:
+            values += " (frozen)"
         table.append(
             (
                 row.layer,

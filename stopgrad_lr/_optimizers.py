@@ -327,7 +327,10 @@ class _Scaled:
     layer: Any
     multiplier: float
     parameter_scale: ParameterScale | None = None  # None: by gradient scales
-    stopped: bool = False  # every gradient path passes a GradientStop
+    # Every gradient path passes a GradientStop, or the layer is frozen: no
+    # optimizer setting reaches its weights (on TensorFlow and torch; on JAX
+    # only a frozen layer's, see _freeze).
+    stopped: bool = False
 
 
 def check_optimizer(optimizer: Any, model: Any = None) -> OptimizerReport:
@@ -485,6 +488,7 @@ def _scaled_layers(model: Any) -> Iterator[_Scaled]:
     stopped = _stopped_nodes(graph)
     layers = {node.path: node.layer for node in graph.nodes}
     stopped_paths = {graph.nodes[index].path for index in stopped}
+    stopped_paths |= {node.path for node in graph.nodes if node.frozen}
     for path, multiplier in effective_multipliers(model).items():
         if multiplier != 1.0 and not math.isnan(multiplier):
             yield _Scaled(path, layers[path], multiplier, stopped=path in stopped_paths)

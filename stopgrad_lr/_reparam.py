@@ -287,11 +287,17 @@ def reparametrize(
     update_rule: str,
     round_to_power_of_two: bool,
     copy: bool,
+    freeze_batch_norm: bool = True,
 ) -> keras.Model:
     """A new model in which each layer with a target multiplier other than 1
     stores its parameters divided by `c` and is followed by
     `ParameterScale(c)` (and by its activation, when that is not
-    homogeneous). A multiplier of 0 freezes a copy of the layer instead."""
+    homogeneous). A multiplier of 0 freezes a copy of the layer instead
+    (a BatchNormalization's gamma and beta only, with
+    `freeze_batch_norm=False`)."""
+    # Imported here: _freeze imports this module.
+    from stopgrad_lr._freeze import frozen_copy, refreeze_parameters
+
     layers = candidates(graph)
     changed = {key: m for key, m in targets.items() if m != 1.0}
     problems = unsupported_layers(graph, targets)
@@ -313,7 +319,7 @@ def reparametrize(
         for key, m in changed.items():
             layer = layers[key].layer
             if m == 0.0:
-                replace[key] = _copy_layer(layer, trainable=False)
+                replace[key] = frozen_copy(layer, layers[key].path, freeze_batch_norm)
                 continue
             scale = output_scale(m, update_rule, round_to_power_of_two)
             split = layer.get_config().get("activation", "linear") not in (
@@ -334,7 +340,10 @@ def reparametrize(
                     )
                 )
             after[key] = chain
-        return finish(Rebuild(after, replace=replace).model(model), model, copy)
+        new_model = finish(Rebuild(after, replace=replace).model(model), model, copy)
+        if copy:
+            refreeze_parameters(new_model, graph, replace)
+        return new_model
 
 
 def unsupported_layers(graph: Graph, targets: Mapping[int, float]) -> list[str]:

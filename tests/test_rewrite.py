@@ -59,6 +59,10 @@ def assert_measured_multipliers(original, rewritten, data, tolerance=1e-5):
         for variable in layer_by_path(original, path).trainable_variables:
             if math.isnan(multiplier):
                 continue
+            if id(variable) not in after:  # frozen: a copy that does not train
+                assert multiplier == 0.0, path
+                assert not layer_by_path(rewritten, path).trainable_variables
+                continue
             error = relative_error(
                 after[id(variable)], multiplier * before[id(variable)]
             )
@@ -212,11 +216,14 @@ def test_a_zero_scale_is_a_stop_unless_asked_otherwise():
         layer for layer in schedulable.layers if isinstance(layer, GradientScale)
     ]
     assert zero.scale == 0.0
-    # Both give a zero gradient upstream; only the stop skips computing it.
-    for rewritten in (stopped, schedulable):
-        grads = weight_gradients(rewritten, data)
-        assert not grads[id(model.get_layer("block1").kernel)].any()
-        assert grads[id(model.get_layer("block2").kernel)].any()
+    # Both give no gradient upstream; only the stop skips computing it, and
+    # freezes: block1 is a frozen copy, out of the trainable variables.
+    grads = weight_gradients(schedulable, data)
+    assert not grads[id(model.get_layer("block1").kernel)].any()
+    assert grads[id(model.get_layer("block2").kernel)].any()
+    assert stopped.get_layer("block1").trainable is False
+    assert stopped.get_layer("block2") is model.get_layer("block2")
+    assert weight_gradients(stopped, data)[id(model.get_layer("block2").kernel)].any()
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="inspects a jaxpr")
