@@ -246,6 +246,15 @@ def test_apply_lr_multipliers_freezes_a_zero_group_with_either_mechanism():
         for name in names:
             assert not rewritten.get_layer(name).trainable
             assert model.get_layer(name).trainable
+    kept = apply_lr_multipliers(
+        model,
+        {"norm": 0.0},
+        optimizer=keras.optimizers.Adam(),
+        freeze_batch_norm=False,
+    )
+    norm = kept.get_layer("norm")
+    assert norm.trainable and not norm.trainable_weights
+    assert kept.get_layer("body1") is model.get_layer("body1")
 
 
 def test_a_zero_group_of_multi_optimizer_does_not_move():

@@ -304,7 +304,11 @@ def test_strip_restores_a_plain_model():
         assert np.array_equal(
             forward(stripped, data, training)[0], forward(model, data, training)[0]
         )
-    assert effective_multipliers(stripped) == effective_multipliers(model)
+    # The zero on the head froze every layer; stripping keeps the freeze.
+    assert effective_multipliers(stripped) == dict.fromkeys(
+        effective_multipliers(model), 0.0
+    )
+    assert not stripped.trainable_variables
 
 
 def test_summary_prints_and_returns_rows():
