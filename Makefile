@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Tests that must pass on every Keras backend, not only TensorFlow.
 MULTI_BACKEND_TESTS := tests/test_ops.py tests/test_layers.py tests/test_callbacks.py tests/test_schedules.py tests/test_lr_finder.py
 # Model surgery and analysis, checked against each backend's own autodiff.
-SURGERY_TESTS := tests/test_graph.py tests/test_rewrite.py tests/test_real_models.py tests/test_graph_properties.py
+SURGERY_TESTS := tests/test_graph.py tests/test_rewrite.py tests/test_real_models.py tests/test_graph_properties.py tests/test_freeze.py
 
 .PHONY: demo test lint typecheck pytest docs clean
 

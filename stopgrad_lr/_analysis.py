@@ -21,11 +21,14 @@ def _multiplier(values: frozenset[float]) -> float:
 
 
 def _layer_multiplier_sets(graph: Graph) -> dict[int, frozenset[float]]:
-    """Per layer object: the union of the multiplier sets of its call sites."""
+    """Per layer object: the union of the multiplier sets of its call sites,
+    and {0.0} for a frozen layer, whose learning rate is 0 whatever reaches
+    it."""
     node_sets = graph.multiplier_sets()
     per_layer: dict[int, set[float]] = {}
     for node in graph.nodes:
-        per_layer.setdefault(id(node.layer), set()).update(node_sets[node.index])
+        values = {0.0} if node.frozen else node_sets[node.index]
+        per_layer.setdefault(id(node.layer), set()).update(values)
     return {key: frozenset(values) for key, values in per_layer.items()}
 
 
@@ -41,7 +44,9 @@ def effective_multipliers(model: keras.Model) -> dict[str, float]:
     path gradients scaled differently (a residual connection that bypasses a
     scale, a second model output, another call of a shared layer), so no
     single multiplier describes it. `stopgrad_lr.summary` lists the products
-    found. A layer with no float path to an output gets 0.0.
+    found. A layer with no float path to an output gets 0.0, and so does a
+    frozen one (weights but none trainable: `trainable = False`, such as the
+    layers upstream of a freeze by `insert_gradient_scales`).
 
     Args:
         model: A built functional or Sequential model; nested models are
@@ -73,7 +78,7 @@ def layer_multipliers(graph: Graph) -> dict[str, float]:
     return {
         node.path: _multiplier(sets[id(node.layer)])
         for node in graph.first_calls()
-        if node.trainable
+        if node.trainable or node.frozen
     }
 
 
@@ -230,7 +235,8 @@ def summary(
     type, number of trainable parameters, whether the layer is a cut (a scale
     after it gives everything upstream a clean multiplier), and the product
     of the gradient scales between its output and the model's outputs, or
-    every distinct product when paths disagree.
+    every distinct product when paths disagree; a frozen layer (weights but
+    none trainable) reads `0 (frozen)`.
 
     Args:
         model: A built functional or Sequential model.
@@ -301,6 +307,8 @@ def _format_rows(
         else:
             cut = "yes" if row.is_cut else "no"
         values = ", ".join(f"{v:g}" for v in row.multipliers) or "none"
+        if node.frozen:
+            values += " (frozen)"
         table.append(
             (
                 row.layer,

@@ -94,7 +94,10 @@ class _Scaled:
     layer: Any
     multiplier: float
     parameter_scale: ParameterScale | None = None  # None: by gradient scales
-    stopped: bool = False  # every gradient path passes a GradientStop
+    # Every gradient path passes a GradientStop, or the layer is frozen: no
+    # optimizer setting reaches its weights (on TensorFlow and torch; on JAX
+    # only a frozen layer's, see _freeze).
+    stopped: bool = False
 
 
 def check_optimizer(optimizer: Any, model: Any = None) -> OptimizerReport:
@@ -259,7 +262,9 @@ def _scaled_layers(model: Any, graph: Graph | None) -> Iterator[_Scaled]:
     # optimizer never sees its variables' gradients.
     reaches = graph.reaches_output(blocked=(GradientStop,))
     layers = {node.path: node.layer for node in graph.nodes}
-    stopped_paths = {node.path for node in graph.nodes if not reaches[node.index]}
+    stopped_paths = {
+        node.path for node in graph.nodes if not reaches[node.index] or node.frozen
+    }
     for path, multiplier in layer_multipliers(graph).items():
         if multiplier != 1.0 and not math.isnan(multiplier):
             yield _Scaled(path, layers[path], multiplier, stopped=path in stopped_paths)

@@ -62,6 +62,26 @@ class Node:
         return bool(getattr(self.layer, "trainable_weights", None))
 
     @property
+    def frozen(self) -> bool:
+        """Whether the call is of a frozen layer: one with weights but none
+        that train, because `trainable = False` is set on it (or on a model
+        around it), or on the gamma and beta of a BatchNormalization (a
+        freeze that keeps its batch statistics, see `_freeze`)."""
+        layer = self.layer
+        if (
+            has_graph(layer)
+            or isinstance(layer, SCALE_LAYERS)
+            or not getattr(layer, "weights", None)
+            or layer.trainable_weights
+        ):
+            return False
+        if not layer.trainable:
+            return True
+        return isinstance(layer, keras.layers.BatchNormalization) and (
+            layer.gamma is not None or layer.beta is not None
+        )
+
+    @property
     def scale(self) -> float | None:
         """The gradient multiplier of a stopgrad_lr layer, else None."""
         if isinstance(self.layer, SCALE_LAYERS):

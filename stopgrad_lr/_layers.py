@@ -199,9 +199,12 @@ class GradientStop(keras.layers.Layer):
     graph: nothing upstream of it is differentiated, so that part of a
     training step costs only its forward pass. A stop is fixed; use
     `GradientScale(0.0)` for a zero that a schedule raises later (gradual
-    unfreezing). BatchNormalization layers upstream still update their
-    moving statistics in training mode; set `trainable=False` on them to
-    freeze those too.
+    unfreezing). A stop alone does not freeze: the layers upstream stay
+    trainable, so on JAX (zero gradients) momentum and weight decay still
+    move them, the optimizer keeps slots for them, and BatchNormalization
+    layers stay in training mode. A zero in
+    `stopgrad_lr.insert_gradient_scales` inserts a stop and also freezes
+    copies of the layers upstream (`trainable=False`).
 
     Args:
         **kwargs: Base layer keyword arguments, such as `name`.

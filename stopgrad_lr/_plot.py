@@ -32,7 +32,7 @@ def plot_multipliers(
 ) -> Figure:
     """Draws the effective learning-rate multiplier of each trainable layer.
 
-    One bar per layer with trainable weights, in topological order (the
+    One bar per layer with weights, in topological order (the
     order of `stopgrad_lr.summary`), as tall as the multiplier that
     `stopgrad_lr.effective_multipliers` reports. The y axis is logarithmic
     when the nonzero multipliers span a decade or more (symmetric-log if one
@@ -40,9 +40,10 @@ def plot_multipliers(
     `ax.set_yscale`. A layer whose paths disagree (multiplier `nan`, such as
     a layer before a scale that a residual connection bypasses) is a
     hatched bar spanning the products found; a layer that no gradient
-    reaches (multiplier 0, such as one before a `GradientStop`) is a cross
-    on the x axis. Each gradient-scale layer is a red vertical line, between
-    the bars of the layers before and after it, labelled with its scale.
+    reaches or a frozen one (multiplier 0, such as one before a
+    `GradientStop`, or with `trainable = False`) is a cross on the x axis.
+    Each gradient-scale layer is a red vertical line, between the bars of
+    the layers before and after it, labelled with its scale.
 
     Needs matplotlib, which is imported only here.
 
@@ -63,7 +64,7 @@ def plot_multipliers(
     Raises:
         ImportError: If matplotlib is not installed.
         ValueError: If `model` is not a built functional or Sequential
-            model, or has no layer with trainable weights.
+            model, or has no layer with weights.
 
     Examples:
         >>> import keras, stopgrad_lr
@@ -128,7 +129,7 @@ class _Chart:
         if not self.bars:
             raise ValueError(
                 f"Cannot plot the model '{model.name}': it has no layer with "
-                f"trainable weights (is it frozen with `trainable = False`?)."
+                f"weights, so no learning rate to show."
             )
         # A cut after the last layer bounds nothing.
         self.cuts = sorted(x for x in cuts if x < len(self.bars) - 0.5)
@@ -214,7 +215,7 @@ class _Chart:
             fontsize=8 if count <= 40 else 6,
         )
         ax.set_xlim(-0.75, count - 0.25)
-        ax.set_xlabel("layers with trainable weights, in topological order")
+        ax.set_xlabel("layers with weights, in topological order")
         ax.set_ylabel("learning-rate multiplier")
         # Outside the axes: the bars of a deep model leave no free corner.
         ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)

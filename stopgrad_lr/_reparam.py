@@ -135,7 +135,7 @@ def _parameters(layer: Any) -> list[Any]:
     return list(layer.weights)
 
 
-def _copy_layer(
+def copy_layer(
     layer: Any,
     *,
     scale: float = 1.0,
@@ -182,11 +182,13 @@ def reparametrize(
     update_rule: str,
     round_to_power_of_two: bool,
     copy: bool,
+    frozen: Mapping[int, keras.layers.Layer],
 ) -> keras.Model:
     """A new model in which each layer with a target multiplier other than 1
     stores its parameters divided by `c` and is followed by
     `ParameterScale(c)` (and by its activation, when that is not
-    homogeneous). A multiplier of 0 freezes a copy of the layer instead."""
+    homogeneous). A layer with multiplier 0 is replaced by its frozen copy
+    in `frozen` (see `_freeze`)."""
     layers = candidates(graph)
     changed = {key: m for key, m in targets.items() if m != 1.0}
     problems = unsupported_layers(graph, targets)
@@ -208,13 +210,13 @@ def reparametrize(
         for key, m in changed.items():
             layer = layers[key].layer
             if m == 0.0:
-                replace[key] = _copy_layer(layer, trainable=False)
+                replace[key] = frozen[key]
                 continue
             scale = output_scale(m, update_rule, round_to_power_of_two)
             split = layer.get_config().get("activation", "linear") not in (
                 HOMOGENEOUS_ACTIVATIONS
             )
-            replace[key] = _copy_layer(layer, scale=scale, linear=split)
+            replace[key] = copy_layer(layer, scale=scale, linear=split)
             name = unique_name(f"{layer.name}_parameter_scale", taken)
             chain = [
                 ParameterScale(scale, update_rule, name=name, dtype=layer.dtype_policy)
@@ -270,7 +272,7 @@ def baked_layers(graph: Graph) -> dict[int, keras.layers.Layer]:
         reason = unsupported_reason(layer) or _not_alone(graph, layer, node.layer)
         if reason:
             raise ValueError(_unbakeable(node, reason))
-        baked[id(layer)] = _copy_layer(layer, scale=node.layer.scale, inverse=True)
+        baked[id(layer)] = copy_layer(layer, scale=node.layer.scale, inverse=True)
     return baked
 
 

@@ -23,6 +23,7 @@ from stopgrad_lr._analysis import (
     layer_multipliers,
 )
 from stopgrad_lr._check import warn_if_mismatched
+from stopgrad_lr._freeze import frozen_copies, refreeze_parameters, zero_copies
 from stopgrad_lr._graph import Graph, Node
 from stopgrad_lr._layers import (
     SCALE_LAYERS,
@@ -83,6 +84,7 @@ def insert_gradient_scales(
     on_bypass: str = "error",
     copy: bool = False,
     stop_at_zero: bool = True,
+    freeze_batch_norm: bool = True,
 ) -> keras.Model:
     """Returns a new model with a gradient scale after each matched layer.
 
@@ -108,13 +110,27 @@ def insert_gradient_scales(
             `"error"` (default) raises and names one bypassing path, `"warn"`
             warns once, `"ignore"` inserts silently.
         copy: `False` (default) shares the input model's layers and weights,
-            so training the new model trains them. `True` gives the new model
-            copies of the weights.
-        stop_at_zero: A scale of exactly 0 inserts a `GradientStop`, which
-            removes the backward pass upstream (faster, fixed). Pass `False`
-            to insert `GradientScale(0.0)` instead, a zero that
-            `stopgrad_lr.ScaleSchedule` can raise later but that still runs
-            the backward pass.
+            so training the new model trains them (but for frozen layers,
+            which are copies). `True` gives the new model copies of the
+            weights.
+        stop_at_zero: A scale of exactly 0 freezes: it inserts a
+            `GradientStop`, which removes the backward pass upstream, and
+            every layer that all of its gradient paths reach only through
+            stops is replaced by a frozen copy (`trainable=False`), so no
+            optimizer moves or keeps slots for its weights. A layer that a
+            residual connection, another output or another call reaches
+            around the stop keeps training. Pass `False` to insert
+            `GradientScale(0.0)` instead, a zero that
+            `stopgrad_lr.ScaleSchedule` can raise later but that freezes
+            nothing: the backward pass runs, the optimizer keeps slots, and
+            on JAX (zero gradients) momentum and weight decay still move the
+            weights.
+        freeze_batch_norm: With a freeze, a BatchNormalization upstream of
+            it runs in inference mode, as with `trainable=False` (default).
+            `False` keeps it normalising with batch statistics and updating
+            its moving statistics in training; only its gamma and beta are
+            frozen, a flag of the variables that a `.keras` file does not
+            keep (after loading, they train again).
 
     Returns:
         A new `keras.Model` (a Sequential model stays Sequential).
@@ -143,13 +159,14 @@ def insert_gradient_scales(
     method = validate_method(method)
     copy = validate_flag(copy, "copy")
     stop_at_zero = validate_flag(stop_at_zero, "stop_at_zero")
+    freeze_batch_norm = validate_flag(freeze_batch_norm, "freeze_batch_norm")
     validate_choice(on_bypass, "on_bypass", ON_BYPASS)
     graph = Graph(model)
     chosen = _match_scales(graph, scales)
     _check_no_scale_already(graph, chosen)
     if on_bypass != "ignore":
         _check_cuts(graph, chosen, on_bypass)
-    return _insert(model, graph, chosen, method, stop_at_zero, copy)
+    return _insert(model, graph, chosen, method, stop_at_zero, copy, freeze_batch_norm)
 
 
 def apply_lr_multipliers(
@@ -161,6 +178,7 @@ def apply_lr_multipliers(
     method: str = "custom_gradient",
     copy: bool = False,
     stop_at_zero: bool = True,
+    freeze_batch_norm: bool = True,
     round_to_power_of_two: bool = False,
 ) -> keras.Model:
     """Returns a new model in which each group of layers gets its multiplier.
@@ -220,8 +238,11 @@ def apply_lr_multipliers(
             of its own; with `False` the other layers are shared with `model`.
         stop_at_zero: Gradient scales only: where a boundary needs a scale of
             0 (a group with multiplier 0 below a group with a nonzero one),
-            insert a `GradientStop` (default) or, with `False`,
-            `GradientScale(0.0)`.
+            freeze, as in `insert_gradient_scales` (default), or, with
+            `False`, insert a `GradientScale(0.0)` that freezes nothing.
+        freeze_batch_norm: A BatchNormalization with multiplier 0 runs in
+            inference mode (default); `False` keeps it in training mode and
+            freezes only its gamma and beta, as in `insert_gradient_scales`.
         round_to_power_of_two: Reparametrisation only: round each `c` to the
             nearest power of two, which makes the forward pass bit-exact and
             changes the multiplier to `c` (Adam-like) or `c**2` (SGD), for
@@ -262,6 +283,7 @@ def apply_lr_multipliers(
     method = validate_method(method)
     copy = validate_flag(copy, "copy")
     stop_at_zero = validate_flag(stop_at_zero, "stop_at_zero")
+    freeze_batch_norm = validate_flag(freeze_batch_norm, "freeze_batch_norm")
     round_to_power_of_two = validate_flag(
         round_to_power_of_two, "round_to_power_of_two"
     )
@@ -288,13 +310,18 @@ def apply_lr_multipliers(
                 raise
             chosen = "reparametrize"
         else:
-            new_model = _insert(model, graph, boundaries, method, stop_at_zero, copy)
+            new_model = _insert(
+                model, graph, boundaries, method, stop_at_zero, copy, freeze_batch_norm
+            )
             new_graph = Graph(new_model)
             _verify(new_graph, graph, targets)
     if chosen == "reparametrize":
+        frozen = zero_copies(graph, targets, freeze_batch_norm)
         new_model = reparametrize(
-            model, graph, targets, update_rule, round_to_power_of_two, copy
+            model, graph, targets, update_rule, round_to_power_of_two, copy, frozen
         )
+        if copy:
+            refreeze_parameters(new_model, graph, frozen)
     if optimizer is not None:
         warn_if_mismatched(optimizer, new_model, stacklevel=2, graph=new_graph)
     return new_model
@@ -783,6 +810,7 @@ def _insert(
     method: str,
     stop_at_zero: bool,
     copy: bool,
+    freeze_batch_norm: bool = True,
 ) -> keras.Model:
     taken = {node.layer.name for node in graph.nodes}
     layers = candidates(graph)
@@ -794,4 +822,9 @@ def _insert(
                 after[key] = [GradientStop(name=name.replace("_scale", "_stop"))]
             else:
                 after[key] = [GradientScale(value, method, name=name)]
-        return finish(Rebuild(after).model(model), model, copy)
+        stops = {key for key, value in chosen.items() if value == 0 and stop_at_zero}
+        copies = frozen_copies(graph, stops, freeze_batch_norm)
+        new_model = finish(Rebuild(after, replace=copies).model(model), model, copy)
+        if copy:
+            refreeze_parameters(new_model, graph, copies)
+        return new_model

@@ -249,8 +249,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-stop-at-zero",
         dest="stop_at_zero",
         action="store_false",
-        help="with --scale or --multiplier, insert GradientScale(0.0) rather "
-        "than GradientStop for a zero, so a ScaleSchedule can raise it later",
+        help="with --scale or --multiplier, insert GradientScale(0.0) for a zero "
+        "rather than freeze what lies upstream (a GradientStop and frozen "
+        "copies), so a ScaleSchedule can raise it later",
     )
     rewrite.add_argument(
         "--optimizer",

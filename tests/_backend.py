@@ -172,6 +172,10 @@ def assert_measured_multipliers(original, rewritten, data, tolerance=1e-5):
         for variable in layer_by_path(original, path).trainable_variables:
             if math.isnan(multiplier):
                 continue
+            if id(variable) not in after:  # frozen: a copy that does not train
+                assert multiplier == 0.0, path
+                assert not layer_by_path(rewritten, path).trainable_variables
+                continue
             error = relative_error(
                 after[id(variable)], multiplier * before[id(variable)]
             )

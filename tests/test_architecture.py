@@ -26,6 +26,7 @@ LAYERS = [
     "_variables",
     "_check",
     "_reparam",
+    "_freeze",
     "_multi_optimizer",
     "_rewrite",
     "_callbacks",

@@ -114,6 +114,14 @@ def test_a_stopped_layer_is_a_cross_on_the_axis():
     assert [text.get_text() for text in ax.texts] == ["stop"]
 
 
+def test_a_layer_frozen_by_hand_is_a_cross_too():
+    model, _ = _models.sequential_mlp()
+    model.get_layer("block2").trainable = False
+    ax = plot_multipliers(model).axes[0]
+    assert list(artist(ax.lines, ZERO_LABEL).get_xdata()) == [1]
+    assert [x for x, _, _ in bars(ax, CLEAN_LABEL)] == [0, 2]
+
+
 def test_a_reversed_gradient_spanning_decades_is_symlog():
     inputs = keras.Input((4,))
     features = keras.layers.Dense(8, name="features")(inputs)
@@ -146,10 +154,10 @@ def test_draws_on_given_axes_with_nested_paths():
 
 def test_errors_leave_no_figure(monkeypatch):
     model, _ = _models.sequential_mlp()
-    model.trainable = False
+    weightless = keras.Sequential([keras.Input((3,)), keras.layers.ReLU()])
     before = plt.get_fignums()
-    with pytest.raises(ValueError, match="has no layer with trainable weights"):
-        plot_multipliers(model)
+    with pytest.raises(ValueError, match="has no layer with weights"):
+        plot_multipliers(weightless)
     with pytest.raises(ValueError, match=r"Expected a built keras\.Model"):
         plot_multipliers(GradientScale(0.1))
     assert plt.get_fignums() == before

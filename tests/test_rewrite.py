@@ -125,11 +125,14 @@ def test_a_zero_scale_is_a_stop_unless_asked_otherwise():
         layer for layer in schedulable.layers if isinstance(layer, GradientScale)
     ]
     assert zero.scale == 0.0
-    # Both give a zero gradient upstream; only the stop skips computing it.
-    for rewritten in (stopped, schedulable):
-        grads = weight_gradients(rewritten, data)
-        assert not grads[id(model.get_layer("block1").kernel)].any()
-        assert grads[id(model.get_layer("block2").kernel)].any()
+    # Both give no gradient upstream; only the stop skips computing it, and
+    # freezes: block1 is a frozen copy, out of the trainable variables.
+    grads = weight_gradients(schedulable, data)
+    assert not grads[id(model.get_layer("block1").kernel)].any()
+    assert grads[id(model.get_layer("block2").kernel)].any()
+    assert stopped.get_layer("block1").trainable is False
+    assert stopped.get_layer("block2") is model.get_layer("block2")
+    assert weight_gradients(stopped, data)[id(model.get_layer("block2").kernel)].any()
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="inspects a jaxpr")
@@ -202,7 +205,11 @@ def test_strip_restores_a_plain_model():
         assert np.array_equal(
             forward(stripped, data, training)[0], forward(model, data, training)[0]
         )
-    assert effective_multipliers(stripped) == effective_multipliers(model)
+    # The zero on the head froze every layer; stripping keeps the freeze.
+    assert effective_multipliers(stripped) == dict.fromkeys(
+        effective_multipliers(model), 0.0
+    )
+    assert not stripped.trainable_variables
 
 
 # Bad input -------------------------------------------------------------------
