@@ -207,7 +207,7 @@ def multi_optimizer(
 
     The model is not changed, and the result needs no stopgrad_lr layer: the
     groups are regexes of variable paths, saved with a compiled model in a
-    `.keras` file (a schedule is wrapped in `ScaledSchedule` and mixed
+    `.keras` file (a schedule is wrapped in `MultipliedSchedule` and mixed
     precision uses `GroupedLossScaleOptimizer`, so loading such a file needs
     `import stopgrad_lr`).
 

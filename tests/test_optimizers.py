@@ -399,6 +399,18 @@ def test_multi_optimizer_scales_a_schedule_and_keeps_loss_scaling():
     assert float(MultipliedSchedule(schedule, 0.5)(10)) == pytest.approx(0.025)
 
 
+def test_a_schedule_saved_under_its_old_name_still_loads():
+    base = OPT.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    config = keras.saving.serialize_keras_object(MultipliedSchedule(base, 0.25))
+    assert config["registered_name"] == "stopgrad_lr>MultipliedSchedule"
+    # What a file written before the rename holds.
+    old = {**config, "class_name": "ScaledSchedule"}
+    old["registered_name"] = "stopgrad_lr>ScaledSchedule"
+    loaded = keras.saving.deserialize_keras_object(old)
+    assert isinstance(loaded, MultipliedSchedule)
+    assert float(loaded(10)) == pytest.approx(0.1 * 0.5 * 0.25)
+
+
 def test_a_compiled_model_with_a_multi_optimizer_survives_save_and_load(tmp_path):
     model, data = _models.sequential_mlp()
     schedule = OPT.schedules.CosineDecay(0.05, decay_steps=20)
