@@ -617,7 +617,15 @@ def check_cut(
                 f"cut {cut} x {k}: {path} ({where}) reported {again.get(path)} "
                 f"after, {m} before"
             )
+        if factor == 0 and layer_by_path(twice, path).trainable_variables:
+            problems.append(f"cut {cut} x 0: {path} ({where}) is not frozen")
         for variable in layer_by_path(case.model, path).trainable_variables:
+            if factor == 0:
+                # A zero freezes: the layer is a frozen copy with weights of
+                # its own, and the user's variable gets no gradient at all.
+                if id(variable) in measured.grads:
+                    problems.append(f"cut {cut} x 0: {path} still trains")
+                continue
             error = relative_error(
                 measured.grads[id(variable)], factor * base.grads[id(variable)]
             )
