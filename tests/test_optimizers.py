@@ -16,14 +16,16 @@ import keras
 import numpy as np
 import pytest
 
-from stopgrad_lr import GradientReversal, GradientScale, apply_lr_multipliers
-from stopgrad_lr._optimizers import (
-    OPTIMIZER_TABLE,
+from stopgrad_lr import (
+    GradientReversal,
+    GradientScale,
     OptimizerMismatchWarning,
     ScaledSchedule,
+    apply_lr_multipliers,
     check_optimizer,
     multi_optimizer,
 )
+from stopgrad_lr._optimizers import OPTIMIZER_TABLE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import optimizer_table

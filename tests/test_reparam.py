@@ -17,10 +17,14 @@ import numpy as np
 import pytest
 from _backend import BACKEND, forward, relative_error, weight_gradients
 
-from stopgrad_lr import GradientScale, apply_lr_multipliers, strip_gradient_scales
-from stopgrad_lr._optimizers import OptimizerMismatchWarning
+from stopgrad_lr import (
+    GradientScale,
+    OptimizerMismatchWarning,
+    ParameterScale,
+    apply_lr_multipliers,
+    strip_gradient_scales,
+)
 from stopgrad_lr._patterns import iter_layers
-from stopgrad_lr._reparam import ParameterScale
 
 RNG = np.random.default_rng(0)
 L = keras.layers
