@@ -1,6 +1,7 @@
 """Small real Keras models of every shape the rewrite must handle.
 
-Each builder returns `(model, inputs)`: a built model and a batch for it.
+Each builder returns `(model, inputs)`: a built model and a batch for it;
+`bert_backbone` returns the model alone and `bert_inputs` a batch for it.
 """
 
 import keras
@@ -26,10 +27,12 @@ def sequential_mlp():
     return model, RNG.standard_normal((4, 6)).astype("float32")
 
 
-def residual_cnn():
+def residual_cnn(size=16, stem_bias=True):
     """Two residual blocks, BatchNormalization, a projection shortcut."""
-    inputs = keras.Input((16, 16, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", name="stem_conv")(inputs)
+    inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=stem_bias, name="stem_conv")(
+        inputs
+    )
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_out")(x)
     for block, filters in (("block1", 8), ("block2", 12)):
@@ -43,7 +46,7 @@ def residual_cnn():
         x = keras.layers.ReLU(name=f"{block}_out")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = keras.layers.Dense(5, name="head")(x)
-    return keras.Model(inputs, outputs, name="residual_cnn"), _images(16)
+    return keras.Model(inputs, outputs, name="residual_cnn"), _images(size)
 
 
 def functional_in_sequential():
@@ -119,6 +122,31 @@ def masked_lstm():
         [[3, 5, 9, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7], [8, 0, 0, 0, 0, 0, 0]]
     )
     return keras.Model(tokens, outputs, name="masked"), data.astype("int32")
+
+
+def bert_backbone(num_layers=2):
+    """A keras-hub BERT of tiny dimensions, built without weights."""
+    import keras_hub
+
+    return keras_hub.models.BertBackbone(
+        vocabulary_size=100,
+        num_layers=num_layers,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=16,
+    )
+
+
+def bert_inputs(batch=3, length=8):
+    """Token ids for `bert_backbone`; the first sequence is padded after 5."""
+    padding = np.ones((batch, length), "int32")
+    padding[0, 5:] = 0
+    return {
+        "token_ids": RNG.integers(1, 100, (batch, length)).astype("int32"),
+        "segment_ids": np.zeros((batch, length), "int32"),
+        "padding_mask": padding,
+    }
 
 
 def resnet50():

@@ -1,7 +1,7 @@
 """`ScaleSchedule`, on every backend.
 
 Scheduled training is compared with a NumPy float64 simulation of SGD
-written out from the chain rule, as in test_layers.py, so the reference
+written out from the chain rule (`_helpers.py`), so the reference
 shares no code with Keras or with this package.
 """
 
@@ -11,7 +11,20 @@ import re
 import keras
 import numpy as np
 import pytest
-from _backend import BACKEND, to_numpy
+from _backend import BACKEND, relative_error, to_numpy
+from _helpers import (
+    BATCH,
+    FIT_MODES,
+    N_HIDDEN,
+    N_IN,
+    N_OUT,
+    BatchLogRecorder,
+    TraceCountingScale,
+    compile_for,
+    data,
+    simulate_sgd,
+    two_layer_model,
+)
 
 from stopgrad_lr import (
     GradientReversal,
@@ -20,65 +33,6 @@ from stopgrad_lr import (
     dann_ramp,
     linear_warmup,
 )
-
-FIT_MODES = {
-    "tensorflow": ["eager", "compiled", "jit"],
-    "jax": ["eager", "jit"],
-    "torch": ["eager"],
-}[BACKEND]
-BATCH, N_IN, N_HIDDEN, N_OUT = 8, 5, 4, 3
-
-
-def two_layer_model(scale_layer, first_kernel):
-    """x -> Dense(W1) -> scale_layer -> Dense(W2), linear, no biases."""
-    second_kernel = np.random.default_rng(7).standard_normal((N_HIDDEN, N_OUT))
-    inputs = keras.Input((N_IN,))
-    hidden = keras.layers.Dense(N_HIDDEN, use_bias=False, name="first")(inputs)
-    outputs = keras.layers.Dense(N_OUT, use_bias=False, name="second")(
-        scale_layer(hidden)
-    )
-    model = keras.Model(inputs, outputs)
-    model.get_layer("first").kernel.assign(first_kernel.astype("float32"))
-    model.get_layer("second").kernel.assign(second_kernel.astype("float32"))
-    return model
-
-
-def data(steps, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((steps * BATCH, N_IN)).astype("float32")
-    y = rng.standard_normal((steps * BATCH, N_OUT)).astype("float32")
-    return x, y
-
-
-def simulate_sgd(w1, w2, x, y, scales, lr):
-    """Float64 SGD on mean squared error, the update of W1 times the scale.
-
-    loss = mean((x W1 W2 - y)**2); dL/dpred = 2 (pred - y) / (batch * outputs).
-    Batch `step` is rows `step * BATCH` to `(step + 1) * BATCH` of x and y.
-    """
-    w1, w2 = w1.astype("float64"), w2.astype("float64")
-    for step, scale in enumerate(scales):
-        xb = x[step * BATCH : (step + 1) * BATCH].astype("float64")
-        yb = y[step * BATCH : (step + 1) * BATCH].astype("float64")
-        d_pred = 2 * (xb @ w1 @ w2 - yb) / (BATCH * N_OUT)
-        grad_w2 = (xb @ w1).T @ d_pred
-        grad_w1 = xb.T @ (d_pred @ w2.T)
-        w1, w2 = w1 - lr * scale * grad_w1, w2 - lr * grad_w2
-    return w1, w2
-
-
-def compile_for(model, mode, lr):
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=lr),
-        loss="mse",
-        run_eagerly=mode == "eager",
-        jit_compile=mode == "jit",
-    )
-
-
-def relative_error(actual, desired):
-    desired = np.asarray(desired, "float64")
-    return np.linalg.norm(actual - desired) / np.linalg.norm(desired)
 
 
 def train_with_schedule(schedule_callback, scale_layer, mode, steps, epochs):
@@ -168,15 +122,6 @@ def nested_model():
     return keras.Model(inputs, keras.layers.Dense(N_OUT)(reversed_))
 
 
-class BatchLogRecorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.batch_logs = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batch_logs.append(dict(logs))
-
-
 def test_scales_are_logged_for_csv_logger_history_and_batches(tmp_path):
     model = nested_model()
     model.compile(optimizer="sgd", loss="mse")
@@ -217,16 +162,6 @@ def test_log_name_sets_the_key_prefix():
     history = model.fit(*data(1), epochs=1, verbose=0, callbacks=[schedule])
     assert history.history["lr_multiplier/boundary"] == [0.5]
     assert "scale/boundary" not in history.history
-
-
-class TraceCountingScale(GradientScale):
-    """Counts how often `call` runs as Python: once per trace when compiled."""
-
-    traces = 0
-
-    def call(self, inputs):
-        TraceCountingScale.traces += 1
-        return super().call(inputs)
 
 
 @pytest.mark.skipif(

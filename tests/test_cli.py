@@ -585,16 +585,7 @@ def test_a_model_that_already_holds_stopgrad_lr_layers(files, tmp_path, capsys):
 
 
 def test_keras_hub_backbone_files(tmp_path, capsys):
-    import keras_hub
-
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=50,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=8,
-    )
+    backbone = _models.bert_backbone()
     source, tuned, plain = (tmp_path / f"{n}.keras" for n in ("bert", "tuned", "plain"))
     backbone.save(source)
     # Subprocesses: the command must import keras-hub itself to read them.

@@ -12,6 +12,7 @@ import re
 import keras
 import numpy as np
 import pytest
+from _models import residual_cnn
 
 import stopgrad_lr
 from stopgrad_lr import check_optimizer, layerwise_decay_multipliers, multi_optimizer
@@ -76,30 +77,14 @@ TRANSFORMER_BOUNDARIES = ["pos_embedding", "block*_out"]
 
 
 def cnn():
-    """Two residual blocks after a conv + BatchNormalization stem. The stem
-    conv has no bias, as usual before a BatchNormalization: that bias would
-    get an exactly zero gradient, which Adam turns into lr-sized steps of
-    float noise, different in any two runs."""
-    inputs = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem_conv")(
-        inputs
-    )
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU(name="stem_out")(x)
-    for block, filters in (("block1", 8), ("block2", 12)):
-        shortcut = x
-        y = keras.layers.Conv2D(filters, 3, padding="same", name=f"{block}_conv1")(x)
-        y = keras.layers.ReLU(name=f"{block}_relu")(y)
-        y = keras.layers.Conv2D(filters, 3, padding="same", name=f"{block}_conv2")(y)
-        if filters != shortcut.shape[-1]:
-            shortcut = keras.layers.Conv2D(filters, 1, name=f"{block}_proj")(shortcut)
-        x = keras.layers.Add(name=f"{block}_add")([shortcut, y])
-        x = keras.layers.ReLU(name=f"{block}_out")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = keras.layers.Dense(5, name="head")(x)
+    """`_models.residual_cnn` on 8x8 images. The stem conv has no bias, as
+    usual before a BatchNormalization: that bias would get an exactly zero
+    gradient, which Adam turns into lr-sized steps of float noise, different
+    in any two runs."""
+    model, _ = residual_cnn(size=8, stem_bias=False)
     data = RNG.standard_normal((4, 8, 8, 3)).astype("float32")
     target = RNG.standard_normal((4, 5)).astype("float32")
-    return keras.Model(inputs, outputs), data, target
+    return model, data, target
 
 
 def cnn_rate(layer_name):

@@ -1,74 +1,31 @@
 """`GradientScale` and `GradientReversal` as Keras layers, on every backend.
 
-Training tests compare the weights after SGD steps with a NumPy float64
-simulation of the same steps, written out from the chain rule, so the
-reference shares no code with Keras or with this package.
+Training tests compare the weights after SGD steps with the NumPy float64
+simulation of the same steps in `_helpers.py`, written out from the chain
+rule, so the reference shares no code with Keras or with this package.
 """
 
 import keras
 import numpy as np
 import pytest
 from _backend import BACKEND, bits, to_numpy, vjp
+from _helpers import (
+    BATCH,
+    FIT_MODES,
+    N_HIDDEN,
+    N_IN,
+    N_OUT,
+    TraceCountingScale,
+    compile_for,
+    data,
+    simulate_sgd,
+    two_layer_model,
+)
 
 from stopgrad_lr import GradientReversal, GradientScale
 
 METHODS = ["custom_gradient", "stop_gradient"]
 SCALES = [1.0, 0.5, 0.1, 1e-3, 0.0, -1.0, 2.5]
-# How `fit` runs: eagerly, as a tf.function ("compiled", TensorFlow only: on
-# JAX without jit it is eager), or XLA/jax.jit ("jit").
-FIT_MODES = {
-    "tensorflow": ["eager", "compiled", "jit"],
-    "jax": ["eager", "jit"],
-    "torch": ["eager"],
-}[BACKEND]
-BATCH, N_IN, N_HIDDEN, N_OUT = 8, 5, 4, 3
-
-
-def two_layer_model(scale_layer, first_kernel):
-    """x -> Dense(W1) -> scale_layer -> Dense(W2), linear, no biases."""
-    rng = np.random.default_rng(7)
-    second_kernel = rng.standard_normal((N_HIDDEN, N_OUT)).astype("float32")
-    inputs = keras.Input((N_IN,))
-    hidden = keras.layers.Dense(N_HIDDEN, use_bias=False, name="first")(inputs)
-    outputs = keras.layers.Dense(N_OUT, use_bias=False, name="second")(
-        scale_layer(hidden)
-    )
-    model = keras.Model(inputs, outputs)
-    model.get_layer("first").kernel.assign(first_kernel)
-    model.get_layer("second").kernel.assign(second_kernel)
-    return model
-
-
-def data(seed=0, steps=1):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((steps * BATCH, N_IN)).astype("float32")
-    y = rng.standard_normal((steps * BATCH, N_OUT)).astype("float32")
-    return x, y
-
-
-def simulate_sgd(w1, w2, x, y, scales, lr):
-    """Float64 SGD on mean squared error, gradient of W1 multiplied by scale.
-
-    loss = mean((x W1 W2 - y)**2); dL/dpred = 2 (pred - y) / (batch * outputs).
-    """
-    w1, w2 = w1.astype("float64"), w2.astype("float64")
-    for step, scale in enumerate(scales):
-        xb = x[step * BATCH : (step + 1) * BATCH].astype("float64")
-        yb = y[step * BATCH : (step + 1) * BATCH].astype("float64")
-        d_pred = 2 * (xb @ w1 @ w2 - yb) / (BATCH * N_OUT)
-        grad_w2 = (xb @ w1).T @ d_pred
-        grad_w1 = xb.T @ (d_pred @ w2.T)
-        w1, w2 = w1 - lr * scale * grad_w1, w2 - lr * grad_w2
-    return w1, w2
-
-
-def compile_for(model, mode, lr=1.0):
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=lr),
-        loss="mse",
-        run_eagerly=mode == "eager",
-        jit_compile=mode == "jit",
-    )
 
 
 def assert_relative_error(actual, desired, bound):
@@ -176,16 +133,6 @@ def test_setting_scale_from_a_callback_takes_effect_on_the_next_step(mode):
     # The reference with the schedule ignored is far away: the test can fail.
     ignored_w1, _ = simulate_sgd(w1, w2, x, y, [1.0] * len(scales), lr=0.1)
     assert np.abs(expected_w1 - ignored_w1).max() > 1e-2
-
-
-class TraceCountingScale(GradientScale):
-    """Counts how often `call` runs as Python: once per trace when compiled."""
-
-    traces = 0
-
-    def call(self, inputs):
-        TraceCountingScale.traces += 1
-        return super().call(inputs)
 
 
 @pytest.mark.skipif(

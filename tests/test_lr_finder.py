@@ -14,30 +14,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from _backend import BACKEND, bits, to_numpy
+from _helpers import BATCH, N_HIDDEN, N_IN, N_OUT, BatchLogRecorder, data
 from sklearn.datasets import load_digits
 from sklearn.preprocessing import StandardScaler
 
 import stopgrad_lr
 from stopgrad_lr import GradientScale, LRFinder, find_lr
 
-BATCH, N_IN, N_HIDDEN, N_OUT = 8, 5, 4, 3
 SHUFFLE = BACKEND == "tensorflow"
-
-
-def data(steps, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((steps * BATCH, N_IN)).astype("float32")
-    y = rng.standard_normal((steps * BATCH, N_OUT)).astype("float32")
-    return x, y
-
-
-class BatchLogRecorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.batch_logs = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.batch_logs.append(dict(logs))
 
 
 # LRFinder

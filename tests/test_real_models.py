@@ -14,31 +14,11 @@ import keras_hub
 import numpy as np
 import pytest
 from _backend import BACKEND, forward, relative_error, weight_gradients
+from _models import bert_backbone, bert_inputs
 
 import stopgrad_lr
 
 RNG = np.random.default_rng(0)
-
-
-def bert_backbone(num_layers=2):
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=100,
-        num_layers=num_layers,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-    )
-
-
-def bert_inputs(batch=3, length=8):
-    padding = np.ones((batch, length), "int32")
-    padding[0, 5:] = 0
-    return {
-        "token_ids": RNG.integers(1, 100, (batch, length)).astype("int32"),
-        "segment_ids": np.zeros((batch, length), "int32"),
-        "padding_mask": padding,
-    }
 
 
 def gemma_backbone():
