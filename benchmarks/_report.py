@@ -62,3 +62,12 @@ def write_atomically(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary.name)
         raise
+
+
+def publish(path: Path, text: str) -> int:
+    """Writes a benchmark's page to `path`, prints it, and returns the exit
+    status 0 for `sys.exit`."""
+    write_atomically(path, text)
+    print(text)
+    print(f"wrote {path}")
+    return 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import keras
 import numpy as np
-from _report import REPOSITORY, machine_description, today, write_atomically
+from _report import REPOSITORY, machine_description, publish, today
 from keras import ops
 
 import stopgrad_lr
@@ -138,11 +138,7 @@ What each form returns for special float32 inputs:
 
 
 def main() -> int:
-    text = render()
-    write_atomically(OUTPUT, text)
-    print(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    return publish(OUTPUT, render())
 
 
 if __name__ == "__main__":

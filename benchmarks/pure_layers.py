@@ -24,7 +24,7 @@ from typing import Any
 
 import keras
 import numpy as np
-from _report import REPOSITORY, machine_description, today, write_atomically
+from _report import REPOSITORY, machine_description, publish, today
 
 import stopgrad_lr
 
@@ -103,11 +103,7 @@ def render(times: dict[str, list[float]]) -> str:
 
 
 def main() -> int:
-    text = render(measure())
-    write_atomically(OUTPUT, text)
-    print(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    return publish(OUTPUT, render(measure()))
 
 
 if __name__ == "__main__":

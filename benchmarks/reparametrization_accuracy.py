@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 import optimizer_table
-from _report import REPOSITORY, machine_description, today, write_atomically
+from _report import REPOSITORY, machine_description, publish, today
 
 import stopgrad_lr
 
@@ -175,11 +175,9 @@ differ from the original after folding the scales back:
 
 
 def main() -> int:
-    text = render(epsilon_sweep(), forward_rows(), machine_description(), today())
-    write_atomically(OUTPUT, text)
-    print(text)
-    print(f"wrote {OUTPUT}")
-    return 0
+    return publish(
+        OUTPUT, render(epsilon_sweep(), forward_rows(), machine_description(), today())
+    )
 
 
 if __name__ == "__main__":

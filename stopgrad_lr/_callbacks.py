@@ -11,7 +11,7 @@ from typing import Any
 
 import keras
 
-from stopgrad_lr._check import warn_if_mismatched
+from stopgrad_lr._check import check_at_train_begin
 from stopgrad_lr._layers import GradientReversal, GradientScale
 from stopgrad_lr._patterns import (
     Pattern,
@@ -163,9 +163,7 @@ class ScaleSchedule(keras.callbacks.Callback):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         self._paths = self._select(self.model)
         self._current = {}
-        optimizer = getattr(self.model, "optimizer", None)
-        if isinstance(optimizer, keras.optimizers.Optimizer):
-            warn_if_mismatched(optimizer, self.model, stacklevel=3)
+        check_at_train_begin(self.model)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self.per == "epoch":

@@ -513,7 +513,14 @@ class OptimizerCheck(keras.callbacks.Callback):
     """
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        optimizer = getattr(self.model, "optimizer", None)
-        if isinstance(optimizer, keras.optimizers.Optimizer):
-            # fit -> CallbackList -> here: the warning points at `fit`.
-            warn_if_mismatched(optimizer, self.model, stacklevel=3)
+        check_at_train_begin(self.model)
+
+
+def check_at_train_begin(model: Any) -> None:
+    """The check of a callback's `on_train_begin`: the model's optimizer, if
+    it has one, once per model and optimizer."""
+    optimizer = getattr(model, "optimizer", None)
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        # fit -> CallbackList -> on_train_begin -> here: the warning points
+        # at `fit`.
+        warn_if_mismatched(optimizer, model, stacklevel=4)
