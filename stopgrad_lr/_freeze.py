@@ -23,6 +23,7 @@ from stopgrad_lr._graph import Graph, Node
 from stopgrad_lr._layers import GradientStop
 from stopgrad_lr._patterns import iter_layers
 from stopgrad_lr._reparam import copy_layer
+from stopgrad_lr._surgery import candidates
 
 
 def frozen_nodes(graph: Graph, stops: Collection[int]) -> dict[int, Node]:
@@ -128,7 +129,7 @@ def zero_copies(
 ) -> dict[int, Any]:
     """Layer id -> its frozen copy, for each layer with target multiplier 0:
     the copies that a reparametrisation puts in their place."""
-    first = {id(node.layer): node for node in graph.first_calls()}
+    first = candidates(graph)
     return {
         key: frozen_copy(first[key].layer, first[key].path, freeze_batch_norm)
         for key, multiplier in targets.items()
@@ -142,9 +143,9 @@ def refreeze_parameters(
     """Freezes again the gamma and beta of each BatchNormalization copy kept
     in training mode, in `model`: a clone of the model rebuilt from `graph`
     with `copies`, which kept only the layers' own flags."""
-    paths = {id(node.layer): node.path for node in graph.first_calls()}
+    first = candidates(graph)
     kept = {
-        paths[key]
+        first[key].path
         for key, copy in copies.items()
         if isinstance(copy, keras.layers.BatchNormalization)
         and copy.trainable
