@@ -168,10 +168,7 @@ def reparametrized(model: keras.Model, m: float, update_rule: str) -> keras.Mode
     block = model.get_layer(BLOCK)
     targets = {id(layer): 1.0 for layer in model.layers if layer.trainable_weights}
     targets[id(block)] = m
-    # m > 0 here: no layer is frozen, so no frozen copies are needed.
-    return reparametrize(
-        model, graph, targets, update_rule, False, copy=False, frozen={}
-    )
+    return reparametrize(model, graph, targets, update_rule, False, copy=False)
 
 
 def _reparametrize_mechanism(update_rule: str) -> Mechanism:

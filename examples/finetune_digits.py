@@ -190,24 +190,32 @@ def starting_weights(pretrained, seed, from_scratch):
 
 
 def make_methods(net):
-    """Method name -> (model to train, whether it starts from random weights).
+    """Method name -> (model to train, the plain network whose weights it
+    shares, whether it starts from random weights).
 
-    The rewritten models share their layers, and so their weights, with `net`
-    (the default `copy=False`), so setting `net`'s weights sets theirs too.
+    The rewritten models share their layers, and so their weights, with the
+    network they were made from (the default `copy=False`): setting that
+    network's weights sets theirs too. The frozen backbone gets a network of
+    its own, because a freeze is Keras's `trainable = False` on those shared
+    layers: made from `net`, it would freeze `net`'s blocks for every method.
     """
+    frozen_net = build_cnn()
     return {
-        "from scratch": (net, True),
-        BASELINE: (net, False),
+        "from scratch": (net, net, True),
+        BASELINE: (net, net, False),
         "frozen backbone (0x)": (
-            stopgrad_lr.apply_lr_multipliers(net, {"block*": 0.0}),
+            stopgrad_lr.apply_lr_multipliers(frozen_net, {"block*": 0.0}),
+            frozen_net,
             False,
         ),
         "apply_lr_multipliers (0.1x)": (
             stopgrad_lr.apply_lr_multipliers(net, {"block*": 0.1}),
+            net,
             False,
         ),
         "layerwise_decay (0.5**i)": (
             stopgrad_lr.layerwise_decay(net, "block*_out", 0.5),
+            net,
             False,
         ),
     }
@@ -378,7 +386,7 @@ def main():
     net = build_cnn()
     methods = make_methods(net)
     print("\nEffective learning-rate multipliers (stopgrad_lr.effective_multipliers):")
-    for name, (model, _) in methods.items():
+    for name, (model, _, _) in methods.items():
         multipliers = stopgrad_lr.effective_multipliers(model)
         print(f"  {name:<28}", "  ".join(f"{k} {v:g}" for k, v in multipliers.items()))
         compile_with_sgd(model, learning_rate=rates[0])
@@ -396,10 +404,10 @@ def main():
             scratch: starting_weights(pretrained, seed, scratch)
             for scratch in (True, False)
         }
-        for name, (model, scratch) in methods.items():
+        for name, (model, plain, scratch) in methods.items():
             for rate in rates:
                 run = fine_tune(
-                    model, net, weights[scratch], rate, data, seed, steps, eval_every
+                    model, plain, weights[scratch], rate, data, seed, steps, eval_every
                 )
                 results[name][rate].append(run)
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from stopgrad_lr._lr_finder import LRFinder, find_lr
     from stopgrad_lr._multi_optimizer import MultipliedSchedule, multi_optimizer
     from stopgrad_lr._ops import scale_gradient
+    from stopgrad_lr._per_variable import variable_multipliers
     from stopgrad_lr._plot import plot_multipliers
     from stopgrad_lr._rewrite import (
         apply_lr_multipliers,
@@ -76,6 +77,7 @@ _MODULES = {
     "stopgrad_lr._lr_finder": ("LRFinder", "find_lr"),
     "stopgrad_lr._multi_optimizer": ("MultipliedSchedule", "multi_optimizer"),
     "stopgrad_lr._ops": ("scale_gradient",),
+    "stopgrad_lr._per_variable": ("variable_multipliers",),
     "stopgrad_lr._plot": ("plot_multipliers",),
     "stopgrad_lr._rewrite": (
         "apply_lr_multipliers",
@@ -117,6 +119,7 @@ __all__ = [
     "scale_gradient",
     "strip_gradient_scales",
     "summary",
+    "variable_multipliers",
 ]
 
 

@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import keras
 
-from stopgrad_lr._graph import Graph, Node, check_model
+from stopgrad_lr._graph import Graph, Node, check_model, normalise
+from stopgrad_lr._layers import ParameterScale
 from stopgrad_lr._validation import invalid
 
 
@@ -20,16 +21,38 @@ def _multiplier(values: frozenset[float]) -> float:
     return math.nan if values else 0.0
 
 
-def _layer_multiplier_sets(graph: Graph) -> dict[int, frozenset[float]]:
+def _layer_multiplier_sets(
+    graph: Graph, parameter_scales: bool = True
+) -> dict[int, frozenset[float]]:
     """Per layer object: the union of the multiplier sets of its call sites,
     and {0.0} for a frozen layer, whose learning rate is 0 whatever reaches
-    it."""
+    it. With `parameter_scales`, a reparametrised layer's sets are times its
+    `ParameterScale.multiplier` (see `parameter_scale_of`)."""
     node_sets = graph.multiplier_sets()
     per_layer: dict[int, set[float]] = {}
     for node in graph.nodes:
-        values = {0.0} if node.frozen else node_sets[node.index]
+        values: frozenset[float] | set[float] = node_sets[node.index]
+        scale = parameter_scale_of(graph, node) if parameter_scales else None
+        if node.frozen:
+            values = {0.0}
+        elif scale is not None:
+            values = {normalise(v * scale.multiplier) for v in values}
         per_layer.setdefault(id(node.layer), set()).update(values)
     return {key: frozenset(values) for key, values in per_layer.items()}
+
+
+def parameter_scale_of(graph: Graph, node: Node) -> ParameterScale | None:
+    """The `ParameterScale` that reparametrises `node`'s layer: the one layer
+    its output goes into. Its weights' gradient is then `scale` times what
+    it was, which the optimizer kind it was chosen for (`update_rule`, set by
+    `apply_lr_multipliers` from its `optimizer`) turns into the learning-rate
+    multiplier `ParameterScale.multiplier`; the layers upstream are not
+    affected (the stored weights are divided by the same `scale`)."""
+    consumers = {id(c.layer): c.layer for c in graph.consumers(node)}
+    if len(consumers) != 1 or any(t in graph.outputs for t in node.outputs):
+        return None
+    (layer,) = consumers.values()
+    return layer if isinstance(layer, ParameterScale) else None
 
 
 def effective_multipliers(model: keras.Model) -> dict[str, float]:
@@ -72,9 +95,10 @@ def effective_multipliers(model: keras.Model) -> dict[str, float]:
     return layer_multipliers(Graph(model))
 
 
-def layer_multipliers(graph: Graph) -> dict[str, float]:
-    """`effective_multipliers` of the model that `graph` was read from."""
-    sets = _layer_multiplier_sets(graph)
+def layer_multipliers(graph: Graph, parameter_scales: bool = True) -> dict[str, float]:
+    """`effective_multipliers` of the model that `graph` was read from
+    (without reparametrisations, with `parameter_scales=False`)."""
+    sets = _layer_multiplier_sets(graph, parameter_scales)
     return {
         node.path: _multiplier(sets[id(node.layer)])
         for node in graph.first_calls()
@@ -279,7 +303,7 @@ def summary(
         key = id(node.layer)
         # A nested model's container row would repeat its layers' weights; a
         # raw operation (`x + 1.0`) has none.
-        weights = node.layer.trainable_weights if node.trainable else []
+        weights = node.variables
         rows.append(
             SummaryRow(
                 node.path,

@@ -215,10 +215,20 @@ class _Owners:
         if layer is None:  # no model: every group
             return [*self.map.values(), self.map.default_optimizer]
         found = {}
-        for variable in layer.trainable_variables:
+        # Per variable, as Keras decides it: a LoRA kernel trains inside a
+        # layer whose own flag is False.
+        for variable in layer.weights:
+            if not variable.trainable:
+                continue
             owner = self.map[variable.path]
             found[id(owner)] = owner
         return list(found.values()) or [self.optimizer]
+
+    def owner(self, variable: Any) -> Any:
+        """The optimizer that updates `variable`."""
+        if self.map is None:
+            return self.optimizer
+        return self.map[variable.path]
 
     @property
     def in_multi(self) -> bool:
@@ -265,7 +275,8 @@ def _scaled_layers(model: Any, graph: Graph | None) -> Iterator[_Scaled]:
     stopped_paths = {
         node.path for node in graph.nodes if not reaches[node.index] or node.frozen
     }
-    for path, multiplier in layer_multipliers(graph).items():
+    # The gradient scales alone; a reparametrisation is its own item below.
+    for path, multiplier in layer_multipliers(graph, parameter_scales=False).items():
         if multiplier != 1.0 and not math.isnan(multiplier):
             yield _Scaled(path, layers[path], multiplier, stopped=path in stopped_paths)
     for node in graph.nodes:

@@ -1,33 +1,40 @@
-"""A zero multiplier is a freeze: frozen copies of what a gradient stop cuts off.
+"""A zero multiplier is a freeze: the layers a gradient stop cuts off stop training.
 
 A `GradientStop` removes the backward pass upstream of it, but the layers
-there stay trainable: their variables still reach the optimizer, which on
-JAX gets zero gradients for them and still applies momentum and weight
-decay, keeps slots for them, and their BatchNormalization layers stay in
-training mode. Keras's own freeze is per variable (`layer.trainable =
-False`), and a rewritten model shares its layer objects with the input
-model, which must not change; so each layer that the new stops cut off
-entirely is replaced by a frozen copy with weights of its own. The stop
-stays at the boundary, where the analysis, `strip_gradient_scales` and the
-docs read it.
+there would stay trainable: their variables would still reach the
+optimizer, which on JAX gets zero gradients for them and still applies
+momentum and weight decay, keeps slots for them, and their
+BatchNormalization layers would stay in training mode. So each layer that
+the new stops cut off entirely is frozen the way Keras freezes a layer,
+`layer.trainable = False`, which reaches every variable under it (sublayers
+built in `build()`, LoRA kernels, nested models) and runs every
+BatchNormalization under it in inference mode.
+
+Keras keeps trainability on the variable, and a rewrite shares the input
+model's variables (`copy=False`): the frozen layers are the input model's
+own layer objects, so they are frozen in the input model too, exactly as
+`layer.trainable = False` on a layer shared by two models would do. A
+frozen copy would keep the input's flags but hold a second set of weights
+that `set_weights` and `load_weights` on the input no longer reach.
+`copy=True` freezes the new model's copies and leaves the input untouched.
+The stop stays at the boundary, where the analysis,
+`strip_gradient_scales` and the docs read it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import keras
 
-from stopgrad_lr._graph import Graph, Node
+from stopgrad_lr._graph import Graph, Node, has_graph
 from stopgrad_lr._layers import GradientStop
-from stopgrad_lr._patterns import iter_layers
-from stopgrad_lr._reparam import copy_layer
-from stopgrad_lr._surgery import candidates
+from stopgrad_lr._patterns import iter_layers, sublayers
 
 
-def frozen_nodes(graph: Graph, stops: Collection[int]) -> dict[int, Node]:
-    """The layers to freeze, by id (each with its first call), when a stop
+def frozen_paths(graph: Graph, stops: Collection[int]) -> list[str]:
+    """The paths of the layers to freeze (each its first call's), when a stop
     goes after every call of each layer in `stops` (layer ids).
 
     A layer is frozen when every gradient path from each of its calls to the
@@ -56,51 +63,60 @@ def frozen_nodes(graph: Graph, stops: Collection[int]) -> dict[int, Node]:
     calls: dict[int, list[Node]] = {}
     for node in graph.nodes:
         calls.setdefault(id(node.layer), []).append(node)
-    return {
-        key: nodes[0]
-        for key, nodes in calls.items()
+    return [
+        nodes[0].path
+        for nodes in calls.values()
         if _trains(nodes[0])
         and not any(free[node.index] for node in nodes)
         and any(behind[node.index] for node in nodes)
-    }
+    ]
 
 
 def _trains(node: Node) -> bool:
+    """Whether a freeze changes the layer: it has variables that train, or a
+    BatchNormalization under it is in training mode."""
+    layer = node.layer
     if node.trainable:
         return True
-    layer = node.layer
-    return isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    # A nested model's container node: its layers are nodes of their own.
+    if not isinstance(layer, keras.layers.Layer) or has_graph(layer):
+        return False
+    return layer.trainable and any(norm.trainable for norm in _batch_norms(layer))
 
 
-def frozen_copy(layer: Any, path: str, freeze_batch_norm: bool = True) -> Any:
-    """A copy of `layer` with weights of its own that does not train.
+def freeze_layers(
+    model: keras.Model, paths: Collection[str], freeze_batch_norm: bool
+) -> None:
+    """Freezes the layers of `model` at `paths` (as `Node.path` names them).
 
-    `trainable=False`, which also runs a BatchNormalization in inference
-    mode; with `freeze_batch_norm=False` a BatchNormalization copy stays
-    trainable (so it normalises with batch statistics and updates its moving
-    ones in training) and only its gamma and beta are frozen.
-
-    Raises:
-        ValueError: If the layer cannot be rebuilt from its config.
+    `trainable = False` on each and on every layer and variable under it. With
+    `freeze_batch_norm=False`, every BatchNormalization under a frozen layer
+    stays in training mode (its flag stays True, so it normalises with batch
+    statistics and updates its moving ones) and only its gamma and beta are
+    frozen.
     """
-    keeps_statistics = not freeze_batch_norm and isinstance(
-        layer, keras.layers.BatchNormalization
-    )
-    try:
-        copy = copy_layer(layer, trainable=None if keeps_statistics else False)
-    except Exception as error:
-        raise ValueError(
-            f"Cannot freeze layer '{path}' ({type(layer).__name__}), which lies "
-            f"upstream of a gradient stop: freezing it without changing the "
-            f"input model needs a copy of it, and rebuilding it from its config "
-            f"failed ({type(error).__name__}: {error}). Freeze it yourself "
-            f"before the rewrite (`layer.trainable = False`), give the layer a "
-            f"`get_config` that rebuilds it, or pass stop_at_zero=False for a "
-            f"GradientScale(0.0) that freezes nothing."
-        ) from error
-    if keeps_statistics:
-        freeze_parameters(copy)
-    return copy
+    wanted = set(paths)
+    for path, layer in iter_layers(model):
+        if path not in wanted:
+            continue
+        # Keras's setter reaches the sublayers it tracks; a layer built by
+        # hand can hold more (keras-hub's Gemma attention keeps its LoRA
+        # projections out of reach), so every sublayer and variable is
+        # frozen too.
+        for sublayer in sublayers(layer):
+            sublayer.trainable = False
+        for variable in layer.weights:
+            variable.trainable = False
+        if not freeze_batch_norm:
+            for norm in _batch_norms(layer):
+                norm.trainable = True
+                freeze_parameters(norm)
+
+
+def _batch_norms(layer: Any) -> Iterator[Any]:
+    for sublayer in sublayers(layer):
+        if isinstance(sublayer, keras.layers.BatchNormalization):
+            yield sublayer
 
 
 def freeze_parameters(layer: Any) -> None:
@@ -112,45 +128,3 @@ def freeze_parameters(layer: Any) -> None:
     for variable in (layer.gamma, layer.beta):
         if variable is not None:
             variable.trainable = False
-
-
-def frozen_copies(
-    graph: Graph, stops: Collection[int], freeze_batch_norm: bool
-) -> dict[int, Any]:
-    """Layer id -> its frozen copy, for `Rebuild(..., replace=...)`."""
-    return {
-        key: frozen_copy(node.layer, node.path, freeze_batch_norm)
-        for key, node in frozen_nodes(graph, stops).items()
-    }
-
-
-def zero_copies(
-    graph: Graph, targets: Mapping[int, float], freeze_batch_norm: bool
-) -> dict[int, Any]:
-    """Layer id -> its frozen copy, for each layer with target multiplier 0:
-    the copies that a reparametrisation puts in their place."""
-    first = candidates(graph)
-    return {
-        key: frozen_copy(first[key].layer, first[key].path, freeze_batch_norm)
-        for key, multiplier in targets.items()
-        if multiplier == 0.0
-    }
-
-
-def refreeze_parameters(
-    model: keras.Model, graph: Graph, copies: Mapping[int, Any]
-) -> None:
-    """Freezes again the gamma and beta of each BatchNormalization copy kept
-    in training mode, in `model`: a clone of the model rebuilt from `graph`
-    with `copies`, which kept only the layers' own flags."""
-    first = candidates(graph)
-    kept = {
-        first[key].path
-        for key, copy in copies.items()
-        if isinstance(copy, keras.layers.BatchNormalization)
-        and copy.trainable
-        and not copy.trainable_weights
-    }
-    for path, layer in iter_layers(model):
-        if path in kept:
-            freeze_parameters(layer)

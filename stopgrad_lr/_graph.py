@@ -30,7 +30,7 @@ _DIGITS = 7
 _SAME = 1e-6
 
 
-def _normalise(value: float) -> float:
+def normalise(value: float) -> float:
     return float(f"{value:.{_DIGITS}g}")
 
 
@@ -45,34 +45,39 @@ def _merge(target: list[float], values: Iterable[float]) -> None:
 
 @dataclass(eq=False)
 class Node:
-    """One call of a layer (or Keras operation) in the flattened graph."""
+    """One call of a layer (or Keras operation) in the flattened graph.
+
+    `variables` are the layer's weights that train, as Keras decides it per
+    variable: those in the model's `trainable_variables`, wherever they live
+    in the layer (a sublayer built in `build()`, a LoRA kernel inside a layer
+    whose own flag is False). A nested model's container node has none: its
+    layers are nodes of their own.
+    """
 
     index: int
     path: str
     layer: Any
+    variables: list[Any] = field(default_factory=list)
     inputs: list[int] = field(default_factory=list)  # float tensor ids
     outputs: list[int] = field(default_factory=list)  # tensor ids
 
     @property
     def trainable(self) -> bool:
-        """Whether the call trains weights of its own (a nested model's
-        container node does not: its layers are nodes of their own)."""
-        if has_graph(self.layer):
-            return False
-        return bool(getattr(self.layer, "trainable_weights", None))
+        """Whether the call trains weights of its own."""
+        return bool(self.variables)
 
     @property
     def frozen(self) -> bool:
         """Whether the call is of a frozen layer: one with weights but none
-        that train, because `trainable = False` is set on it (or on a model
-        around it), or on the gamma and beta of a BatchNormalization (a
-        freeze that keeps its batch statistics, see `_freeze`)."""
+        that train, because `trainable = False` is set on it (or on the
+        model), or on the gamma and beta of a BatchNormalization (a freeze
+        that keeps its batch statistics, see `_freeze`)."""
         layer = self.layer
         if (
-            has_graph(layer)
+            self.variables
+            or has_graph(layer)
             or isinstance(layer, SCALE_LAYERS)
             or not getattr(layer, "weights", None)
-            or layer.trainable_weights
         ):
             return False
         if not layer.trainable:
@@ -101,6 +106,8 @@ class Graph:
 
     def __init__(self, model: keras.Model) -> None:
         self.nodes: list[Node] = []
+        # What the optimizer sees: Keras decides trainability per variable.
+        self._trains = {id(v) for v in model.trainable_variables}
         self.tensors: list[Tensor] = []
         self.outputs: list[int] = []
         inputs = [
@@ -125,6 +132,9 @@ class Graph:
 
     def _new_node(self, path: str, layer: Any, inputs: list[int]) -> Node:
         node = Node(len(self.nodes), path, layer)
+        if not has_graph(layer):
+            weights = getattr(layer, "weights", None) or []
+            node.variables = [v for v in weights if id(v) in self._trains]
         for tensor_id in inputs:
             if self.tensors[tensor_id].is_float:
                 node.inputs.append(tensor_id)
@@ -230,7 +240,7 @@ class Graph:
             values: list[float] = []
             for tensor_id in node.outputs:
                 _merge(values, at_tensor.get(tensor_id, ()))
-            sets[index] = frozenset(_normalise(v) for v in values)
+            sets[index] = frozenset(normalise(v) for v in values)
             scale = node.scale
             passed = values if scale is None else [v * scale for v in values]
             for tensor_id in node.inputs:

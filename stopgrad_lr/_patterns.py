@@ -59,6 +59,27 @@ def iter_layers(model: keras.Model, prefix: str = "") -> Iterator[tuple[str, Any
             yield from iter_layers(layer, prefix=f"{path}/")
 
 
+def sublayers(layer: Any) -> Iterator[Any]:
+    """The layer and every layer under it, outermost first: the layers held
+    as attributes, in lists, tuples and dicts, as Keras tracks them (public
+    Keras has no recursive list of a layer's sublayers; `Model.layers` is
+    one level of a model)."""
+    seen: set[int] = set()
+    stack = [layer]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, keras.layers.Layer):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            yield value
+            stack.extend(reversed(list(vars(value).values())))
+        elif isinstance(value, list | tuple):
+            stack.extend(reversed(value))
+        elif isinstance(value, dict):
+            stack.extend(reversed(list(value.values())))
+
+
 def closest_names(pattern: Pattern, names: Iterable[str], count: int = 5) -> list[str]:
     """The layer names that look most like `pattern`, for 'did you mean'."""
     text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern

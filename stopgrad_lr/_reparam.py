@@ -141,7 +141,6 @@ def copy_layer(
     scale: float = 1.0,
     inverse: bool = False,
     linear: bool = False,
-    trainable: bool | None = None,
 ) -> Any:
     """A new layer like `layer`, with weights of its own.
 
@@ -160,8 +159,6 @@ def copy_layer(
     if linear:
         config["activation"] = "linear"
         config.pop("activity_regularizer", None)
-    if trainable is not None:
-        config["trainable"] = trainable
     new = type(layer).from_config(config)
     new.build_from_config(layer.get_build_config())
     parameters = {id(weight) for weight in _parameters(layer)}
@@ -182,15 +179,14 @@ def reparametrize(
     update_rule: str,
     round_to_power_of_two: bool,
     copy: bool,
-    frozen: Mapping[int, keras.layers.Layer],
 ) -> keras.Model:
     """A new model in which each layer with a target multiplier other than 1
     stores its parameters divided by `c` and is followed by
     `ParameterScale(c)` (and by its activation, when that is not
-    homogeneous). A layer with multiplier 0 is replaced by its frozen copy
-    in `frozen` (see `_freeze`)."""
+    homogeneous). A layer with multiplier 0 is left as it is, for the caller
+    to freeze (see `_freeze`)."""
     layers = candidates(graph)
-    changed = {key: m for key, m in targets.items() if m != 1.0}
+    changed = {key: m for key, m in targets.items() if m not in (0.0, 1.0)}
     problems = unsupported_layers(graph, targets)
     if problems:
         names = ", ".join(cls.__name__ for cls in SUPPORTED_LAYERS)
@@ -209,9 +205,6 @@ def reparametrize(
     with strategy_scope(model):
         for key, m in changed.items():
             layer = layers[key].layer
-            if m == 0.0:
-                replace[key] = frozen[key]
-                continue
             scale = output_scale(m, update_rule, round_to_power_of_two)
             split = layer.get_config().get("activation", "linear") not in (
                 HOMOGENEOUS_ACTIVATIONS

@@ -23,7 +23,7 @@ from stopgrad_lr._analysis import (
     layer_multipliers,
 )
 from stopgrad_lr._check import warn_if_mismatched
-from stopgrad_lr._freeze import frozen_copies, refreeze_parameters, zero_copies
+from stopgrad_lr._freeze import freeze_layers, frozen_paths
 from stopgrad_lr._graph import Graph, Node
 from stopgrad_lr._layers import (
     SCALE_LAYERS,
@@ -110,14 +110,16 @@ def insert_gradient_scales(
             `"error"` (default) raises and names one bypassing path, `"warn"`
             warns once, `"ignore"` inserts silently.
         copy: `False` (default) shares the input model's layers and weights,
-            so training the new model trains them (but for frozen layers,
-            which are copies). `True` gives the new model copies of the
-            weights.
+            so training the new model trains them, and a freeze freezes them
+            in both models. `True` gives the new model copies of the
+            weights and leaves the input model untouched.
         stop_at_zero: A scale of exactly 0 freezes: it inserts a
             `GradientStop`, which removes the backward pass upstream, and
             every layer that all of its gradient paths reach only through
-            stops is replaced by a frozen copy (`trainable=False`), so no
-            optimizer moves or keeps slots for its weights. A layer that a
+            stops gets `trainable = False` (Keras's freeze, which reaches every
+            variable under it; with `copy=False` the layer is the input
+            model's own, frozen there too), so no optimizer moves or keeps
+            slots for its weights. A layer that a
             residual connection, another output or another call reaches
             around the stop keeps training. Pass `False` to insert
             `GradientScale(0.0)` instead, a zero that
@@ -204,9 +206,9 @@ def apply_lr_multipliers(
       A non-linear activation inside the layer moves to an `Activation`
       layer after the scale (relu, leaky_relu and linear commute with a
       positive scale and stay). L1/L2 regularizers are rewritten to penalise
-      the true weights. A multiplier of 0 freezes a copy of the layer
-      (`trainable=False`; a BatchNormalization then also runs in inference
-      mode). Outputs are bit-identical when every `c` is a power of two
+      the true weights. A multiplier of 0 freezes the layer
+      (`trainable=False`, as a zero gradient scale does). Outputs are
+      bit-identical when every `c` is a power of two
       (`round_to_power_of_two=True`); otherwise they differ by rounding
       (about one float32 ulp, see `docs/optimizers.md`).
     - `"auto"` (default): with `optimizer=None`, `"gradient_scale"`. With an
@@ -233,9 +235,10 @@ def apply_lr_multipliers(
             needs `optimizer`).
         method: Gradient scales only: `"custom_gradient"` or
             `"stop_gradient"`.
-        copy: `True` gives the new model copies of all the weights. A
-            reparametrised or frozen layer is always a new layer with weights
-            of its own; with `False` the other layers are shared with `model`.
+        copy: `True` gives the new model copies of all the weights and
+            leaves `model` untouched. A reparametrised layer is always a new
+            layer with weights of its own; with `False` the other layers are
+            shared with `model`, frozen ones included.
         stop_at_zero: Gradient scales only: where a boundary needs a scale of
             0 (a group with multiplier 0 below a group with a nonzero one),
             freeze, as in `insert_gradient_scales` (default), or, with
@@ -316,12 +319,11 @@ def apply_lr_multipliers(
             new_graph = Graph(new_model)
             _verify(new_graph, graph, targets)
     if chosen == "reparametrize":
-        frozen = zero_copies(graph, targets, freeze_batch_norm)
         new_model = reparametrize(
-            model, graph, targets, update_rule, round_to_power_of_two, copy, frozen
+            model, graph, targets, update_rule, round_to_power_of_two, copy
         )
-        if copy:
-            refreeze_parameters(new_model, graph, frozen)
+        zeros = [layers[key].path for key, value in targets.items() if value == 0.0]
+        freeze_layers(new_model, zeros, freeze_batch_norm)
     if optimizer is not None:
         warn_if_mismatched(optimizer, new_model, stacklevel=2, graph=new_graph)
     return new_model
@@ -499,7 +501,9 @@ def layerwise_decay_multipliers(
     The multipliers that `stopgrad_lr.effective_multipliers` reports for the
     model that `layerwise_decay(model, boundaries, decay)` builds, for every
     layer with trainable weights: the same groups and the same boundary
-    rules (a boundary must be a cut). `layerwise_decay` delivers them as
+    rules (a boundary must be a cut); a layer that does not train (frozen,
+    or a LoRA model's base layers) is left out, so that the dict goes to
+    `multi_optimizer` as it is. `layerwise_decay` delivers them as
     gradient scales, which only SGD-like optimizers turn into learning
     rates; this dict delivers them to any optimizer:
     `stopgrad_lr.multi_optimizer(model, multipliers, AdamW(...))` gives each
@@ -533,7 +537,13 @@ def layerwise_decay_multipliers(
         >>> stopgrad_lr.layerwise_decay_multipliers(model, "block*_out", 0.5)
         {'block0_out': 0.125, 'block1_out': 0.25, 'block2_out': 0.5, 'head': 1.0}
     """
-    return layer_multipliers(Graph(layerwise_decay(model, boundaries, decay)))
+    graph = Graph(layerwise_decay(model, boundaries, decay))
+    trains = {node.path for node in graph.nodes if node.trainable}
+    return {
+        path: value
+        for path, value in layer_multipliers(graph).items()
+        if path in trains
+    }
 
 
 def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Model:
@@ -823,8 +833,23 @@ def _insert(
             else:
                 after[key] = [GradientScale(value, method, name=name)]
         stops = {key for key, value in chosen.items() if value == 0 and stop_at_zero}
-        copies = frozen_copies(graph, stops, freeze_batch_norm)
-        new_model = finish(Rebuild(after, replace=copies).model(model), model, copy)
-        if copy:
-            refreeze_parameters(new_model, graph, copies)
-        return new_model
+        new_model = finish(Rebuild(after).model(model), model, copy)
+    _check_products(Graph(new_model))
+    freeze_layers(new_model, frozen_paths(graph, stops), freeze_batch_norm)
+    return new_model
+
+
+def _check_products(graph: Graph) -> None:
+    """Refuses scales that compound to a multiplier float32 cannot hold, as
+    a single such scale is refused: the gradient would underflow to 0 (or
+    lose its precision as a subnormal), not be scaled."""
+    for path, value in layer_multipliers(graph, parameter_scales=False).items():
+        if value != 0.0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+            raise ValueError(
+                f"The gradient scales compound to multiplier {value:.3g} for "
+                f"layer '{path}', outside what float32 can represent "
+                f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}): its gradient would "
+                f"be 0 or lose its precision instead of being scaled. Use "
+                f"fewer or milder scales (a decay closer to 1), or 0 to freeze "
+                f"those layers."
+            )

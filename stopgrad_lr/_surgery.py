@@ -20,6 +20,7 @@ from stopgrad_lr._layers import SCALE_LAYERS
 from stopgrad_lr._patterns import (
     Pattern,
     describe,
+    iter_layers,
     matches,
     no_match_error,
     validate_pattern,
@@ -259,12 +260,88 @@ class Rebuild:
 
 
 def finish(new_model: keras.Model, original: keras.Model, copy: bool) -> keras.Model:
-    """`new_model`, or with `copy=True` a clone of it with weights of its own."""
-    if not copy:
-        return new_model
+    """`new_model`, or with `copy=True` a clone of it with weights of its own
+    and the same trainability: `clone_model` keeps each layer's flag, not a
+    variable's own (the gamma of a BatchNormalization frozen alone). Either
+    way with the input model's public attributes (see `_keep_attributes`)."""
+    if copy:
+        new_model = _copied(new_model, original)
+    _keep_attributes(new_model, original)
+    return new_model
+
+
+def _keep_attributes(new_model: keras.Model, original: keras.Model) -> None:
+    """Gives the new model the public attributes of the input model that a
+    plain `keras.Model` lacks, such as a keras-hub backbone's
+    `token_embedding`, `transformer_layers` and `hidden_dim`, which its tasks
+    (`GPT2CausalLM`, `RobertaTextClassifier`...) read. An attribute that holds
+    a layer of the model points to the new model's layer at the same path;
+    one that holds a layer the new model lacks is left out.
+
+    The attributes are plain references: set with `object.__setattr__`, so
+    that Keras does not track the layers a second time as sublayers of the
+    model (they are already its layers, called in its graph).
+    """
+    new_layers = dict(iter_layers(new_model))
+    paths = {id(layer): path for path, layer in iter_layers(original)}
+    missing = object()
+
+    # A sublayer held by a layer of the model (OPT's `token_embedding` is
+    # `embeddings.token_embedding`): the owner's path and attribute name.
+    held: dict[int, tuple[str, str]] = {}
+    for path, layer in iter_layers(original):
+        for attribute, value in vars(layer).items():
+            if isinstance(value, keras.layers.Layer):
+                held.setdefault(id(value), (path, attribute))
+
+    def mapped(value: Any) -> Any:
+        if isinstance(value, keras.layers.Layer):
+            if id(value) in paths:
+                return new_layers.get(paths[id(value)], missing)
+            if id(value) in held:
+                path, attribute = held[id(value)]
+                return getattr(new_layers.get(path), attribute, missing)
+            return missing
+        if isinstance(value, list | tuple):
+            items = [mapped(item) for item in value]
+            return missing if missing in items else type(value)(items)
+        return value
+
+    # Plain attributes, and properties of the class (keras-hub's
+    # `Backbone.token_embedding` is one, stored as `_token_embedding`).
+    names = [
+        *vars(original),
+        *(n for n in dir(type(original)) if n not in vars(original)),
+    ]
+    for name in names:
+        if name.startswith("_") or hasattr(new_model, name):
+            continue
+        try:
+            value = getattr(original, name)
+        except Exception:  # a property that fails is not an attribute to keep
+            continue
+        if callable(value) and not isinstance(value, keras.layers.Layer):
+            continue  # a method
+        new_value = mapped(value)
+        if new_value is not missing:
+            object.__setattr__(new_model, name, new_value)
+
+
+def _copied(new_model: keras.Model, original: keras.Model) -> keras.Model:
     with strategy_scope(original):
         copied = keras.models.clone_model(new_model)
-        copied.set_weights(new_model.get_weights())
+    if len(copied.weights) != len(new_model.weights):
+        raise ValueError(
+            f"Cannot give the rewritten model '{original.name}' weights of its "
+            f"own (copy=True): keras.models.clone_model rebuilds it from its "
+            f"layers' configs with {len(copied.weights)} weights instead of "
+            f"{len(new_model.weights)} (LoRA kernels added by `enable_lora` "
+            f"are not in a layer's config, for one). Pass copy=False, which "
+            f"shares the model's own variables."
+        )
+    copied.set_weights(new_model.get_weights())
+    for source, target in zip(new_model.weights, copied.weights, strict=True):
+        target.trainable = source.trainable
     return copied
 
 

@@ -28,7 +28,7 @@ variable different values are an error.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -39,6 +39,7 @@ from stopgrad_lr._patterns import (
     closest_names,
     describe,
     matches,
+    sublayers,
     validate_pattern,
 )
 from stopgrad_lr._surgery import candidates
@@ -111,28 +112,11 @@ def relative_path(variable: Any, layer: Any) -> str:
     return "/".join(segments[starts[-1] + 1 :]) if starts else variable.name
 
 
-def _sublayers(layer: Any, seen: set[int]) -> Iterator[Any]:
-    """The layer and the layers it holds as attributes, outermost first."""
-    if id(layer) in seen:
-        return
-    seen.add(id(layer))
-    yield layer
-    stack = list(vars(layer).values())
-    while stack:
-        value = stack.pop()
-        if isinstance(value, keras.layers.Layer):
-            yield from _sublayers(value, seen)
-        elif isinstance(value, list | tuple):
-            stack.extend(value)
-        elif isinstance(value, dict):
-            stack.extend(value.values())
-
-
 def _owners(layer: Any) -> dict[int, Any]:
     """Variable id -> the innermost (sub)layer that holds it."""
     found: dict[int, Any] = {}
-    for sublayer in _sublayers(layer, set()):
-        for variable in sublayer.trainable_variables:
+    for sublayer in sublayers(layer):
+        for variable in sublayer.weights:
             found[id(variable)] = sublayer  # inner layers come later
     return found
 
@@ -144,7 +128,7 @@ def sites(graph: Graph) -> list[Site]:
         if not node.trainable:
             continue
         owners = _owners(node.layer)
-        for variable in node.layer.trainable_variables:
+        for variable in node.variables:
             found.append(
                 Site(
                     variable,

@@ -25,6 +25,7 @@ LAYERS = [
     "_surgery",
     "_variables",
     "_check",
+    "_per_variable",
     "_reparam",
     "_freeze",
     "_multi_optimizer",

@@ -4,7 +4,10 @@ Each case is one kind of bad input to the public API. Each asserts the
 exception type, that the message names what was received (Keras style,
 "Received: x=...") and says what to do or what was expected, and, where a
 model is involved, that the model is unchanged afterwards: same layers, same
-weights, same scales, same effective multipliers.
+weights, same trainability of every variable, same scales, same effective
+multipliers. (A call that succeeds may change one thing of the input model:
+the `trainable` flag of the layers that a zero multiplier freezes with
+`copy=False`, which the new model shares; docs/surgery.md, "Sharing".)
 
 Layers and `scale_gradient` first, then the command line through its Python
 entry point `stopgrad_lr.cli.main` (whose errors are a status and one line
@@ -405,14 +408,19 @@ def surgery_state(model):
         [layer.name for layer in model.layers],
         [np.array(w) for w in model.get_weights()],
         np.array(model(SURGERY_DATA)),
+        [
+            (layer.trainable, [v.trainable for v in layer.weights])
+            for layer in model.layers
+        ],
     )
 
 
 def assert_surgery_unchanged(model, before):
-    names, weights, outputs = surgery_state(model)
+    names, weights, outputs, trainability = surgery_state(model)
     assert names == before[0]
     assert all(np.array_equal(a, b) for a, b in zip(weights, before[1], strict=True))
     assert np.array_equal(outputs, before[2])
+    assert trainability == before[3]
 
 
 def scaled_surgery_model():
