@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 MULTI_BACKEND_TESTS := tests/test_ops.py tests/test_layers.py tests/test_callbacks.py tests/test_schedules.py tests/test_lr_finder.py
 # Model surgery and analysis, checked against each backend's own autodiff.
 SURGERY_TESTS := tests/test_graph.py tests/test_rewrite.py tests/test_real_models.py tests/test_graph_properties.py tests/test_freeze.py
+# The per-variable oracle: measured updates against the reports, TensorFlow and JAX.
+PER_VARIABLE_TESTS := tests/test_per_variable.py
 
 .PHONY: demo test lint typecheck pytest docs clean
 
@@ -40,7 +42,7 @@ typecheck: $(VENV)/.test-installed
 # pytest exits 5 when it collects no test; make treats that as a failure.
 pytest: $(VENV)/.test-installed
 	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest
-	KERAS_BACKEND=jax $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS) $(SURGERY_TESTS)
+	KERAS_BACKEND=jax $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS) $(SURGERY_TESTS) $(PER_VARIABLE_TESTS)
 	KERAS_BACKEND=torch $(BIN)/python -m pytest $(MULTI_BACKEND_TESTS) $(SURGERY_TESTS)
 
 docs: $(VENV)/.test-installed

@@ -842,14 +842,19 @@ def _insert(
 def _check_products(graph: Graph) -> None:
     """Refuses scales that compound to a multiplier float32 cannot hold, as
     a single such scale is refused: the gradient would underflow to 0 (or
-    lose its precision as a subnormal), not be scaled."""
-    for path, value in layer_multipliers(graph, parameter_scales=False).items():
-        if value != 0.0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
-            raise ValueError(
-                f"The gradient scales compound to multiplier {value:.3g} for "
-                f"layer '{path}', outside what float32 can represent "
-                f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}): its gradient would "
-                f"be 0 or lose its precision instead of being scaled. Use "
-                f"fewer or milder scales (a decay closer to 1), or 0 to freeze "
-                f"those layers."
-            )
+    lose its precision as a subnormal), not be scaled. Each product of a
+    node's paths is checked (a mixed layer's values too)."""
+    sets = graph.multiplier_sets()
+    for node in graph.nodes:
+        if not node.trainable:
+            continue
+        for value in sets[node.index]:
+            if value != 0.0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+                raise ValueError(
+                    f"The gradient scales compound to multiplier {value:.3g} for "
+                    f"layer '{node.path}', outside what float32 can represent "
+                    f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}): its gradient "
+                    f"would be 0 or lose its precision instead of being scaled. "
+                    f"Use fewer or milder scales (a decay closer to 1), or 0 to "
+                    f"freeze those layers."
+                )
