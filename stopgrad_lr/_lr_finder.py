@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -17,6 +18,7 @@ from stopgrad_lr._validation import (
     invalid,
     validate_choice,
     validate_count,
+    validate_flag,
     validate_positive,
 )
 
@@ -29,6 +31,15 @@ MODES = ("exponential", "linear")
 # `suggestion` needs this many recorded points: fewer say nothing about the
 # shape of the loss curve.
 MIN_POINTS = 5
+# The divergence test reads the median of the last this many losses: one
+# spike, up or down, does not move it, and it lags by one batch, where the
+# moving average of `smoothed_losses` (beta 0.98) lags by about 50.
+DIVERGENCE_WINDOW = 3
+# The start of the sweep: its first this many losses.
+START_WINDOW = 10
+# A loss whose range over the sweep is at most this fraction of its mean
+# did not change: the suggestions would be arbitrary.
+FLAT_TOLERANCE = 1e-3
 # Arguments of `fit` that `find_lr` sets itself.
 FIT_ARGUMENTS_SET_BY_FIND_LR = ("epochs", "steps_per_epoch", "initial_epoch")
 MARK_COLORS = {
@@ -145,15 +156,29 @@ class LRFinder(keras.callbacks.Callback):
     (num_steps - 1)` (`mode="linear"`), and its loss is recorded: the
     training loss of that batch, or with `validation_data` the loss on that
     held-out data after the batch's update. Training stops after
-    `num_steps` batches, when the smoothed loss exceeds `diverge_factor`
-    times the lowest smoothed loss so far, or when the loss is NaN or
+    `num_steps` batches, when the loss diverges, or when the loss is NaN or
     infinite (that batch is not recorded). Give `fit` enough epochs for
     `num_steps` batches, or use `stopgrad_lr.find_lr`, which does.
+
+    The loss diverges at the first batch where the median of the last 3
+    recorded losses exceeds `diverge_factor` times the lowest such median
+    so far (fastai's test, 4 times the best, on a statistic that does not
+    lag: one spike up or down does not move a median of 3, and it trails
+    the sweep by one batch, where the moving average of `smoothed_losses`
+    trails it by about 50 batches and may never reach 4 times its own
+    lagged minimum), or where that median, after falling below the lowest
+    of the first 10 losses by more than their range (a fall, not noise),
+    climbs above the highest of them: worse than at the start (a
+    cross-entropy that halves before it diverges never reaches 4 times its
+    minimum). `divergence_lr` is that batch's rate (or the rate of a
+    NaN or infinite loss), and the suggestion rules read only the batches
+    before it. `stop_on_divergence=False` records the whole sweep anyway;
+    `diverge_factor=float("inf")` turns the test off. The test assumes a
+    positive loss.
 
     The smoothed loss is an exponential moving average with bias
     correction: `average = beta * average + (1 - beta) * loss` (starting
     from 0), and `smoothed = average / (1 - beta ** n)` after `n` batches.
-    The divergence test assumes a positive loss.
 
     When training starts, the callback snapshots the model's variables
     (weights, BatchNormalization statistics, random seeds; on torch also
@@ -182,11 +207,16 @@ class LRFinder(keras.callbacks.Callback):
             Defaults to 10.0.
         num_steps: How many batches the sweep lasts, an integer >= 2.
             Defaults to 100.
-        beta: The smoothing factor, a float in [0, 1); 0 disables
-            smoothing. Defaults to 0.98.
-        diverge_factor: Stop when the smoothed loss exceeds this many times
-            its minimum, a float > 1; `float("inf")` stops only on NaN or
-            infinite losses. Defaults to 4.0.
+        beta: The smoothing factor of `smoothed_losses`, a float in [0, 1);
+            0 disables smoothing. Defaults to 0.98.
+        diverge_factor: The loss diverges when the median of its last 3
+            values exceeds this many times the lowest such median so far, a
+            float > 1; `float("inf")` never (only NaN or infinite losses
+            stop the sweep then). Defaults to 4.0.
+        stop_on_divergence: Whether to stop the sweep where the loss
+            diverges. False records all `num_steps` batches (short of a NaN
+            or infinite loss); the rules still read only the batches before
+            the divergence. Defaults to True.
         mode: `"exponential"` (default), equal ratios between steps, or
             `"linear"`, equal differences.
         validation_data: None (default) to record each training batch's
@@ -201,6 +231,8 @@ class LRFinder(keras.callbacks.Callback):
         losses: The loss of each recorded batch: its training loss, or the
             validation loss after it.
         smoothed_losses: The smoothed loss after each recorded batch.
+        divergence_lr: The (base) learning rate at which the loss diverged,
+            or None if it did not (see above).
 
     Raises:
         ValueError: If an argument is invalid; when training starts, if a
@@ -231,6 +263,7 @@ class LRFinder(keras.callbacks.Callback):
         *,
         beta: float = 0.98,
         diverge_factor: float = 4.0,
+        stop_on_divergence: bool = True,
         mode: str = "exponential",
         validation_data: Any = None,
     ) -> None:
@@ -253,6 +286,9 @@ class LRFinder(keras.callbacks.Callback):
         if not factor > 1.0:
             raise invalid("diverge_factor", "a float > 1", diverge_factor)
         self.diverge_factor: float = factor
+        self.stop_on_divergence: bool = validate_flag(
+            stop_on_divergence, "stop_on_divergence"
+        )
         validate_choice(mode, "mode", MODES)
         self.mode: str = mode
         if (
@@ -273,6 +309,7 @@ class LRFinder(keras.callbacks.Callback):
         self._average: float = 0.0
         self._best: float = math.inf
         self._batch_lr: float = math.nan
+        self._non_finite_lr: float | None = None
         self._saved: list[tuple[Any, np.ndarray]] | None = None
         self._groups: list[tuple[Any, float]] = []
         self._schedules: list[tuple[Any, Any]] = []
@@ -282,7 +319,8 @@ class LRFinder(keras.callbacks.Callback):
         return (
             f"LRFinder(start_lr={self.start_lr!r}, end_lr={self.end_lr!r}, "
             f"num_steps={self.num_steps!r}, beta={self.beta!r}, "
-            f"diverge_factor={self.diverge_factor!r}, mode={self.mode!r})"
+            f"diverge_factor={self.diverge_factor!r}, "
+            f"stop_on_divergence={self.stop_on_divergence!r}, mode={self.mode!r})"
         )
 
     def _learning_rate(self, step: int) -> float:
@@ -337,6 +375,7 @@ class LRFinder(keras.callbacks.Callback):
             model.make_train_function(force=True)
         self.lrs, self.losses, self.smoothed_losses = [], [], []
         self._step, self._average, self._best = 0, 0.0, math.inf
+        self._non_finite_lr = None
 
     def on_train_batch_begin(
         self, batch: int, logs: dict[str, Any] | None = None
@@ -369,6 +408,7 @@ class LRFinder(keras.callbacks.Callback):
             loss = self._validation_loss()
         self._step += 1
         if not math.isfinite(loss):
+            self._non_finite_lr = self._batch_lr
             self.model.stop_training = True
             return
         self.lrs.append(self._batch_lr)
@@ -376,8 +416,15 @@ class LRFinder(keras.callbacks.Callback):
         self._average = self.beta * self._average + (1.0 - self.beta) * loss
         smoothed = self._average / (1.0 - self.beta ** len(self.losses))
         self.smoothed_losses.append(smoothed)
-        self._best = min(self._best, smoothed)
-        if smoothed > self.diverge_factor * self._best or self._step >= self.num_steps:
+        diverged = False
+        if len(self.losses) >= DIVERGENCE_WINDOW:
+            # The same test as `_divergence_index`, one batch at a time.
+            recent = float(np.median(self.losses[-DIVERGENCE_WINDOW:]))
+            self._best = min(self._best, recent)
+            diverged = _diverged(
+                recent, self._best, self.losses[:START_WINDOW], self.diverge_factor
+            )
+        if (diverged and self.stop_on_divergence) or self._step >= self.num_steps:
             self.model.stop_training = True
 
     def _validation_loss(self) -> float:
@@ -416,24 +463,10 @@ class LRFinder(keras.callbacks.Callback):
             self._schedules = []
             self.model.make_train_function(force=True)
 
-    def curve(self) -> np.ndarray:
-        """The loss curve the suggestion rules read, one value per rate.
-
-        The recorded `losses` under a centred running median of
-        `2 * max(2, n // 25) + 1` points (fewer at the ends). Unlike the
-        moving average of `smoothed_losses`, which the divergence test needs
-        online, it does not lag behind the sweep: with the default
-        `beta=0.98` the average rests on about the last 50 batches, half of
-        a 100-step sweep, so its fall comes late and drawn out. The median
-        also shrugs off single spikes. A sweep that has `smoothed_losses`
-        but no `losses` (assigned by hand) is read as it is.
-
-        Returns:
-            A float64 NumPy array, as long as `lrs`.
-
-        Raises:
-            ValueError: If fewer than 5 points were recorded.
-        """
+    def _raw(self) -> list[float]:
+        """What the curve and the divergence test read: the recorded
+        `losses`, or `smoothed_losses` for a sweep assigned by hand without
+        them. Raises ValueError when fewer than 5 points were recorded."""
         count = len(self.lrs)
         raw = self.losses if len(self.losses) == count else self.smoothed_losses
         if count < MIN_POINTS or len(raw) != count:
@@ -443,30 +476,104 @@ class LRFinder(keras.callbacks.Callback):
                 "this callback, or stopgrad_lr.find_lr) over more steps; if the "
                 "loss diverged at once, lower start_lr."
             )
+        return raw
+
+    def curve(self) -> np.ndarray:
+        """The loss curve the suggestion rules read, one value per rate.
+
+        The recorded `losses` under a centred running median of
+        `2 * max(2, n // 25) + 1` points (fewer at the ends), taken apart
+        before and from `divergence_lr`, so that no point of the curve
+        before the divergence reads a diverged batch (the rules read only
+        those points). Unlike the moving average of `smoothed_losses`, it
+        does not lag behind the sweep: with the default `beta=0.98` the
+        average rests on about the last 50 batches, half of a 100-step
+        sweep, so its fall comes late and drawn out. The median also shrugs
+        off single spikes. A sweep that has `smoothed_losses` but no
+        `losses` (assigned by hand) is read as it is.
+
+        Returns:
+            A float64 NumPy array, as long as `lrs`.
+
+        Raises:
+            ValueError: If fewer than 5 points were recorded.
+        """
+        raw = self._raw()
         values = np.asarray(raw, dtype="float64")
         if raw is self.smoothed_losses:
             return values
-        half = max(2, count // 25)
-        return np.array(
-            [np.median(values[max(0, i - half) : i + half + 1]) for i in range(count)]
+        end = self._divergence_index(raw)
+        half = max(2, len(values) // 25)
+        return np.concatenate(
+            [_running_median(part, half) for part in np.split(values, [end or 0])]
         )
 
-    def _points(self) -> tuple[np.ndarray, np.ndarray]:
-        curve = self.curve()
-        return np.asarray(self.lrs, dtype="float64"), curve
+    def _divergence_index(self, raw: Sequence[float]) -> int | None:
+        """The index of the recorded batch at which the loss diverged."""
+        return _divergence_index(np.asarray(raw, dtype="float64"), self.diverge_factor)
 
-    @staticmethod
-    def _kept(count: int) -> slice:
-        """The points the valley and steepest rules read: the first tenth is
-        dropped (the moving average there rests on few batches), and the
-        last twentieth (the divergence that stopped the sweep)."""
-        return slice(max(1, count // 10), count - max(1, count // 20))
+    def _end(self) -> int:
+        """How many recorded batches precede the divergence."""
+        index = self._divergence_index(self._raw())
+        return len(self.lrs) if index is None else index
+
+    @property
+    def divergence_lr(self) -> float | None:
+        """The learning rate at which the loss diverged, or None.
+
+        The rate of the first recorded batch at which the loss diverged by
+        the test of `LRFinder` (read from `losses`, or `smoothed_losses` for
+        a sweep assigned by hand), else the rate of a batch whose loss was
+        NaN or infinite (which stopped the sweep unrecorded), else None.
+        """
+        count = len(self.lrs)
+        raw = self.losses if len(self.losses) == count else self.smoothed_losses
+        index = self._divergence_index(raw) if len(raw) == count else None
+        return self.lrs[index] if index is not None else self._non_finite_lr
+
+    def _points(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rates and the curve the rules read: those before the
+        divergence. Warns when the loss did not change."""
+        curve = self.curve()
+        end = self._end()
+        if end < MIN_POINTS:
+            raise ValueError(
+                f"Too few points to suggest a learning rate: the loss diverged "
+                f"at lr {self.lrs[end]:.3g}, after {end} recorded batches, and at "
+                f"least {MIN_POINTS} are needed before it. Lower start_lr, or "
+                "raise num_steps for more batches per decade."
+            )
+        values = np.asarray(self._raw()[:end], dtype="float64")
+        mean = float(np.mean(values))
+        if float(np.ptp(values)) <= FLAT_TOLERANCE * abs(mean):
+            warnings.warn(
+                f"The loss did not change during the sweep: all {end} recorded "
+                f"losses from lr {self.lrs[0]:.3g} to {self.lrs[end - 1]:.3g} lie "
+                f"within {FLAT_TOLERANCE:.1%} of {mean:.6g}, so any suggested "
+                "learning rate is arbitrary. Check that the loss depends on the "
+                "trainable weights (not all frozen, a loss that is not constant) "
+                "and that end_lr is high enough to move them.",
+                UserWarning,
+                stacklevel=3,
+            )
+        return np.asarray(self.lrs[:end], dtype="float64"), curve[:end]
+
+    def _kept(self, end: int) -> slice:
+        """The points, of the first `end`, that the valley and steepest
+        rules read: the first tenth of the sweep is dropped (the moving
+        average there rests on few batches), and the last twentieth of the
+        `end` points (the start of the divergence, which the test sees a
+        batch late). All `end` points if that leaves fewer than 3."""
+        kept = slice(max(1, len(self.lrs) // 10), end - max(1, end // 20))
+        return kept if kept.stop - kept.start >= 3 else slice(0, end)
 
     def suggestion(self, method: str = "valley") -> float:
         """A learning rate read off the recorded sweep.
 
-        The rules, which read `lrs` and `curve()` (so they also work on a
-        sweep recorded earlier or assigned by hand):
+        The rules, which read `lrs` and `curve()` up to the batch before
+        `divergence_lr` (so that no rule suggests a rate at which the loss
+        diverged), and also work on a sweep recorded earlier or assigned by
+        hand:
 
         - `"valley"` (default): the last rate, before the minimum of the
           loss curve, at which the curve is still above the level halfway
@@ -484,8 +591,9 @@ class LRFinder(keras.callbacks.Callback):
           For comparison: noise on a long plateau lengthens that
           subsequence to the left, so it can land on the plateau.
 
-        All but `"min_div_10"` ignore the first tenth of the points and the
-        last twentieth (at least one point each).
+        All but `"min_div_10"` ignore the first tenth of the sweep and the
+        last twentieth of the points before the divergence (at least one
+        point each).
 
         Args:
             method: `"valley"` (default), `"steepest"`, `"min_div_10"` or
@@ -495,21 +603,27 @@ class LRFinder(keras.callbacks.Callback):
             The suggested learning rate, a float.
 
         Raises:
-            ValueError: If `method` is unknown or fewer than 5 points were
-                recorded.
+            ValueError: If `method` is unknown, or fewer than 5 points were
+                recorded before the divergence.
+
+        Warns:
+            UserWarning: If the loss did not change during the sweep (its
+                range within 0.1% of its mean): the suggestion is arbitrary.
         """
         validate_choice(method, "method", SUGGESTION_METHODS)
-        lrs, smoothed = self._points()
+        return self._suggest(method, *self._points())
+
+    def _suggest(self, method: str, lrs: np.ndarray, curve: np.ndarray) -> float:
         if method == "min_div_10":
-            return float(lrs[np.argmin(smoothed)] / 10.0)
-        kept = self._kept(len(smoothed))
-        lrs, smoothed = lrs[kept], smoothed[kept]
+            return float(lrs[np.argmin(curve)] / 10.0)
+        kept = self._kept(len(curve))
+        lrs, curve = lrs[kept], curve[kept]
         if method == "valley":
-            return float(lrs[_valley_index(smoothed)])
+            return float(lrs[_valley_index(curve)])
         if method == "fastai_valley":
-            return float(lrs[_longest_descent_index(smoothed)])
+            return float(lrs[_longest_descent_index(curve)])
         window = max(1, len(self.lrs) // 20)
-        slopes = _window_slopes(np.log10(lrs), smoothed, window)
+        slopes = _window_slopes(np.log10(lrs), curve, window)
         return float(lrs[np.argmin(slopes)])
 
     def suggestions(self) -> dict[str, float]:
@@ -521,9 +635,14 @@ class LRFinder(keras.callbacks.Callback):
             suggests.
 
         Raises:
-            ValueError: If fewer than 5 points were recorded.
+            ValueError: If fewer than 5 points were recorded before the
+                divergence.
+
+        Warns:
+            UserWarning: If the loss did not change during the sweep.
         """
-        return {method: self.suggestion(method) for method in SUGGESTION_METHODS}
+        points = self._points()
+        return {method: self._suggest(method, *points) for method in SUGGESTION_METHODS}
 
     def plot(
         self,
@@ -533,7 +652,10 @@ class LRFinder(keras.callbacks.Callback):
         """Plots the loss against the learning rate, on a log scale.
 
         It draws the curve the rules read (`curve()`), over the recorded
-        batch losses in a lighter line when there are any.
+        batch losses in a lighter line when there are any. The loss axis
+        spans the curve before `divergence_lr` (the useful region, which
+        the spikes of a diverging loss would flatten into a line), and a
+        dotted line marks `divergence_lr`.
 
         Needs matplotlib, which is imported only here.
 
@@ -549,17 +671,27 @@ class LRFinder(keras.callbacks.Callback):
 
         Raises:
             ValueError: If a marked `suggestion(method)` raises.
+
+        Warns:
+            UserWarning: If a rule is marked and the loss did not change
+                during the sweep.
         """
         import matplotlib.pyplot as plt
 
         methods = (
             [] if method is None else [method] if isinstance(method, str) else method
         )
+        for name in methods:
+            validate_choice(name, "method", SUGGESTION_METHODS)
         # Computed before drawing: a failing suggestion leaves no figure.
-        suggested = {name: self.suggestion(name) for name in methods}
+        suggested: dict[str, float] = {}
+        if methods:
+            points = self._points()
+            suggested = {name: self._suggest(name, *points) for name in methods}
         if ax is None:
             _, ax = plt.subplots()
         curve = self.curve() if len(self.lrs) >= MIN_POINTS else self.smoothed_losses
+        end = self._end() if len(self.lrs) >= MIN_POINTS else len(curve)
         if len(self.losses) == len(self.lrs) and self.losses:
             ax.plot(self.lrs, curve, label="loss, running median")
             ax.plot(self.lrs, self.losses, color="tab:blue", alpha=0.3, label="loss")
@@ -572,12 +704,64 @@ class LRFinder(keras.callbacks.Callback):
                 linestyle="--",
                 label=f"{name}: {rate:.2e}",
             )
+        divergence = self.divergence_lr
+        if divergence is not None:
+            ax.axvline(
+                divergence,
+                color="black",
+                linestyle=":",
+                label=f"diverged: {divergence:.2e}",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")
+        useful = np.asarray(curve[:end], dtype="float64")
+        useful = useful[np.isfinite(useful)]
+        if len(useful) >= 2 and useful.max() > useful.min():
+            # The spikes of a diverging loss would flatten the rest.
+            margin = 0.1 * (useful.max() - useful.min())
+            ax.set_ylim(useful.min() - margin, useful.max() + margin)
         ax.legend()
         # An Axes always belongs to a figure; the stubs allow None.
         return cast("Figure", ax.get_figure(root=True))
+
+
+def _running_median(values: np.ndarray, half: int) -> np.ndarray:
+    """`values` under a centred running median of `2 * half + 1` points
+    (fewer at the ends)."""
+    return np.array(
+        [np.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
+    )
+
+
+def _diverged(
+    recent: float, best: float, start: Sequence[float], factor: float
+) -> bool:
+    """The divergence test (see `LRFinder`): `recent` is the median of the
+    last losses, `best` its lowest value so far, `start` the first losses."""
+    if math.isinf(factor):
+        return False
+    if recent > factor * best:
+        return True
+    if len(start) < START_WINDOW:
+        return False
+    # Back above every loss of the start after a fall below all of them by
+    # more than their spread, which noise on a plateau does not make.
+    low, high = min(start), max(start)
+    return best < low - (high - low) and recent > high
+
+
+def _divergence_index(values: np.ndarray, factor: float) -> int | None:
+    """The first index at which the loss diverged, or None: `_diverged`
+    batch by batch, as `LRFinder` tests it during the sweep."""
+    best = math.inf
+    start = [float(value) for value in values[:START_WINDOW]]
+    for end in range(DIVERGENCE_WINDOW, len(values) + 1):
+        recent = float(np.median(values[end - DIVERGENCE_WINDOW : end]))
+        best = min(best, recent)
+        if _diverged(recent, best, start[:end], factor):
+            return end - 1
+    return None
 
 
 def _valley_index(values: np.ndarray) -> int:
@@ -685,6 +869,7 @@ def find_lr(
     mode: str = "exponential",
     beta: float = 0.98,
     diverge_factor: float = 4.0,
+    stop_on_divergence: bool = True,
     validation_data: Any = None,
     seed: int = 0,
     **fit_kwargs: Any,
@@ -717,15 +902,20 @@ def find_lr(
             generator yielding `(x, y)` batches. A dataset with a length
             runs for as many epochs as needed; one without (a generator, a
             repeated dataset) runs one epoch of `num_steps` batches.
-        y: The targets, for array inputs.
+        y: The targets, for array inputs; None (default) for a model that
+            needs none, such as one trained by `add_loss`.
         batch_size: The batch size, for array inputs. Defaults to 32.
         start_lr: The first learning rate. Defaults to 1e-7.
         end_lr: The last learning rate. Defaults to 10.0.
         num_steps: How many batches the sweep lasts. Defaults to 100.
         mode: `"exponential"` (default) or `"linear"` sweep.
         beta: The smoothing factor of the loss. Defaults to 0.98.
-        diverge_factor: Stop when the smoothed loss exceeds this many times
-            its minimum. Defaults to 4.0.
+        diverge_factor: The loss diverges when the median of its last 3
+            values exceeds this many times the lowest such median so far, as
+            in `LRFinder`; `float("inf")` never. Defaults to 4.0.
+        stop_on_divergence: Whether the sweep stops where the loss
+            diverges (the suggestions read only the batches before it
+            either way). Defaults to True.
         validation_data: Held-out data whose loss is recorded after every
             step instead of the training batch's, as in `LRFinder`.
             Defaults to None.
@@ -783,6 +973,7 @@ def find_lr(
         num_steps,
         beta=beta,
         diverge_factor=diverge_factor,
+        stop_on_divergence=stop_on_divergence,
         mode=mode,
         validation_data=validation_data,
     )
@@ -806,11 +997,15 @@ def find_lr(
             # draw from the global random state, and a later `fit` would
             # then see another order than without the sweep.
             order = np.random.default_rng(seed).permutation(samples)
-            x, y = keras.tree.map_structure(lambda a: np.asarray(a)[order], (x, y))
+
+            def shuffled(arrays: Any) -> Any:
+                return keras.tree.map_structure(lambda a: np.asarray(a)[order], arrays)
+
+            x = shuffled(x)
+            if y is not None:  # None for a model trained by `add_loss`
+                y = shuffled(y)
             if fit_kwargs.get("sample_weight") is not None:
-                fit_kwargs["sample_weight"] = np.asarray(fit_kwargs["sample_weight"])[
-                    order
-                ]
+                fit_kwargs["sample_weight"] = shuffled(fit_kwargs["sample_weight"])
         fit_kwargs["shuffle"] = False
     fit_kwargs["callbacks"] = [finder, *(fit_kwargs.get("callbacks") or [])]
     fit_kwargs.setdefault("verbose", 0)

@@ -47,7 +47,12 @@ import numpy as np
 import pytest
 from _backend import BACKEND, relative_error, to_numpy
 
-from stopgrad_lr import effective_multipliers, gradient_cuts, insert_gradient_scales
+from stopgrad_lr import (
+    effective_multipliers,
+    gradient_cuts,
+    insert_gradient_scales,
+    variable_multipliers,
+)
 
 MODELS = {"tensorflow": 200, "jax": 50, "torch": 100}[BACKEND]
 CHUNK = 25
@@ -526,24 +531,35 @@ def check_exact_forward(expected: Measured, got: Measured, what: str) -> list[st
 
 def check_ratios(
     case: Case,
+    rewritten: keras.Model,
     reported: dict[str, float],
     before: dict[int, np.ndarray],
     after: dict[int, np.ndarray],
 ) -> list[str]:
-    """(2) measured ratio == reported multiplier, per variable."""
+    """(2) measured ratio == reported multiplier, per variable, as
+    `variable_multipliers` reports it, and the per-layer report is each
+    layer's variables' common value."""
     problems = []
-    for path, multiplier in reported.items():
+    per_variable = variable_multipliers(rewritten)
+    for key, multiplier in per_variable.items():
+        path, name = key.rsplit("/", 1)
+        if not same(multiplier, reported[path]):
+            problems.append(
+                f"{key}: variable_multipliers says {multiplier}, "
+                f"effective_multipliers {reported[path]}"
+            )
         if math.isnan(multiplier):
             continue
-        for variable in layer_by_path(case.model, path).trainable_variables:
-            error = relative_error(
-                after[id(variable)], multiplier * before[id(variable)]
+        (variable,) = [
+            v
+            for v in layer_by_path(case.model, path).trainable_variables
+            if v.name == name
+        ]
+        error = relative_error(after[id(variable)], multiplier * before[id(variable)])
+        if not error <= RATIO_TOLERANCE:
+            problems.append(
+                f"{key}: reported {multiplier}, measured off by {error:.2e} (relative)"
             )
-            if not error <= RATIO_TOLERANCE:
-                problems.append(
-                    f"{path}/{variable.name}: reported {multiplier}, measured "
-                    f"off by {error:.2e} (relative)"
-                )
     return problems
 
 
@@ -621,8 +637,8 @@ def check_cut(
             problems.append(f"cut {cut} x 0: {path} ({where}) is not frozen")
         for variable in layer_by_path(case.model, path).trainable_variables:
             if factor == 0:
-                # A zero freezes: the layer is a frozen copy with weights of
-                # its own, and the user's variable gets no gradient at all.
+                # A zero freezes: the (shared) layer gets trainable=False,
+                # and its variable no gradient at all.
                 if id(variable) in measured.grads:
                     problems.append(f"cut {cut} x 0: {path} still trains")
                 continue
@@ -654,7 +670,7 @@ def check_seed(seed: int) -> list[str]:
     before = measure(case.model, case.data)
     after = measure(rewritten, case.data)
     problems = check_exact_forward(before, after, "rewrite")
-    problems += check_ratios(case, reported, before.grads, after.grads)
+    problems += check_ratios(case, rewritten, reported, before.grads, after.grads)
     problems += check_mixed(case, rewritten, reported, before.grads, after.grads)
     problems += check_cut(case, rewritten, reported, after, rng, set(scales))
     return [f"{case.description}, scales {scales}: {p}" for p in problems]

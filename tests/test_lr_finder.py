@@ -127,17 +127,38 @@ def test_weights_and_optimizer_state_are_restored_bit_exactly(pretrained):
     )
 
 
-def test_stops_when_the_smoothed_loss_diverges():
+def diverged_by_hand(losses, factor):
+    """The divergence test of `LRFinder`, batch by batch: the median of the
+    last 3 losses above `factor` times its lowest value so far, or above
+    each of the first 10 losses once that lowest value is below each by more
+    than their range."""
+    verdicts = []
+    start = losses[:10]
+    for end in range(3, len(losses) + 1):
+        recent = [float(np.median(losses[i - 3 : i])) for i in range(3, end + 1)]
+        best = min(recent)
+        verdicts.append(
+            recent[-1] > factor * best
+            or (
+                len(start) == 10
+                and best < 2 * min(start) - max(start)
+                and recent[-1] > max(start)
+            )
+        )
+    return verdicts
+
+
+def test_stops_when_the_loss_diverges():
     x, y = regression_data(batches=8)
     model = linear_model(keras.optimizers.SGD(0.01))
     finder = LRFinder(1e-4, 1e3, num_steps=200, beta=0.7)
     model.fit(x, y, batch_size=BATCH, epochs=25, verbose=0, callbacks=[finder])
-    smoothed = np.array(finder.smoothed_losses)
-    assert 5 < len(smoothed) < 200
-    assert smoothed[-1] > 4 * smoothed.min()
-    assert all(
-        smoothed[i] <= 4 * smoothed[: i + 1].min() for i in range(len(smoothed) - 1)
-    )
+    assert 5 < len(finder.losses) < 200
+    # Diverged at the last batch and at no batch before.
+    assert diverged_by_hand(finder.losses, 4.0) == [False] * (
+        len(finder.losses) - 3
+    ) + [True]
+    assert finder.divergence_lr == finder.lrs[-1]
     assert np.isfinite(finder.losses).all()
     # SGD on this regression diverges above lr ~ 1 (2 / largest Hessian
     # eigenvalue), not at the small rates of the start.
@@ -155,6 +176,10 @@ def test_stops_on_a_non_finite_loss_without_recording_it():
     )
     assert len(finder.losses) == len(recorder.batch_logs) - 1 < 199
     assert not math.isfinite(recorder.batch_logs[-1]["loss"])
+    # The rate of the unrecorded batch: the next of the geometric sweep.
+    assert finder.divergence_lr == pytest.approx(
+        finder.lrs[-1] * (1e14 ** (1 / 199)), rel=1e-5
+    )
     assert np.isfinite(finder.losses).all()
     assert max(finder.smoothed_losses) > 1e6 * min(finder.smoothed_losses)
 
@@ -179,6 +204,7 @@ def test_plain_function_learning_rate_is_rejected_with_a_fix():
         ({"beta": -0.1}, "beta"),
         ({"diverge_factor": 1.0}, "diverge_factor"),
         ({"diverge_factor": True}, "diverge_factor"),
+        ({"stop_on_divergence": 1}, "stop_on_divergence"),
     ],
 )
 def test_finder_rejects_invalid_arguments(kwargs, argument):
@@ -249,15 +275,31 @@ def test_plot_marks_the_suggestion_on_a_log_axis():
         assert isinstance(figure, matplotlib.figure.Figure)
         (ax,) = figure.axes
         assert ax.get_xscale() == "log"
-        curve, mark = ax.get_lines()
+        curve, mark, divergence = ax.get_lines()
         np.testing.assert_array_equal(curve.get_ydata(), finder.smoothed_losses)
         assert list(mark.get_xdata()) == [1e-3, 1e-3]
+        # Up the wall, the median of 3 passes every loss of the start (4.0)
+        # at lr 0.1 (where it is the loss at 10**-1.1, 5.2): a dotted line
+        # there, and the loss axis spans the curve before it (a fall from 4
+        # to 2 and its foot, 5.2), not the wall's 47.
+        assert finder.divergence_lr == pytest.approx(0.1)
+        assert list(divergence.get_xdata()) == [finder.divergence_lr] * 2
+        assert divergence.get_label() == f"diverged: {finder.divergence_lr:.2e}"
+        before = [
+            v
+            for lr, v in zip(finder.lrs, finder.smoothed_losses, strict=True)
+            if lr < finder.divergence_lr
+        ]
+        bottom, top = ax.get_ylim()
+        assert (
+            bottom < min(before) < max(before) < top < 10 < max(finder.smoothed_losses)
+        )
         # On given axes, with another method or none.
         other_figure, (left, right) = plt.subplots(1, 2)
         assert finder.plot(left, method="min_div_10") is other_figure
         assert left.get_lines()[1].get_xdata()[0] == finder.lrs[45] / 10
         finder.plot(right, method=None)
-        assert len(right.get_lines()) == 1
+        assert len(right.get_lines()) == 2  # the curve, the divergence
         # A sweep too short for a suggestion fails before making a figure.
         open_figures = plt.get_fignums()
         with pytest.raises(ValueError, match="Too few points"):
@@ -408,10 +450,15 @@ def test_rules_find_the_known_answer_on_a_noisy_curve(seed):
     minimum = math.log10(finder.suggestion("min_div_10") * 10)
     assert -1.4 <= minimum <= -1.0
     # The valley: the last point above sqrt(top * minimum) on the way down.
-    # Top 1 (the plateau) and minimum 0.1 (nearly the logistic's floor):
-    # 1 - 0.9 s = sqrt(0.1) at s = (1 - sqrt(0.1)) / 0.9, the logistic's
-    # value at 10**(-2 + 0.25 ln(s / (1 - s))).
-    fall = (1 - math.sqrt(0.1)) / 0.9
+    # It reads the points before the divergence (the wall at 4 times the
+    # floor), less their last twentieth: top 1 (the plateau) and minimum
+    # m = 1 - 0.9 s_end, the logistic's value at the last point read. Then
+    # 1 - 0.9 s = sqrt(m) at s = (1 - sqrt(m)) / 0.9, the logistic's value
+    # at 10**(-2 + 0.25 ln(s / (1 - s))).
+    end = finder.lrs.index(finder.divergence_lr)
+    last = log_lrs[end - max(1, end // 20) - 1]
+    floor = 1 - 0.9 / (1 + math.exp(-(last + 2.0) / 0.25))
+    fall = (1 - math.sqrt(floor)) / 0.9
     crossing = -2.0 + 0.25 * math.log(fall / (1 - fall))
     assert abs(math.log10(finder.suggestion("valley")) - crossing) <= 2 * step
     assert finder.suggestions() == {
@@ -462,9 +509,16 @@ def test_plot_marks_every_rule_by_default():
     try:
         (ax,) = figure.axes
         marks = {line.get_label().split(":")[0]: line for line in ax.get_lines()[1:]}
-        assert set(marks) == {"valley", "steepest", "min_div_10", "fastai_valley"}
+        assert set(marks) == {
+            "valley",
+            "steepest",
+            "min_div_10",
+            "fastai_valley",
+            "diverged",
+        }
         for name, line in marks.items():
-            assert line.get_xdata()[0] == finder.suggestion(name)
+            expected = finder.divergence_lr if name == "diverged" else None
+            assert line.get_xdata()[0] == (expected or finder.suggestion(name))
     finally:
         plt.close(figure)
 
@@ -528,10 +582,9 @@ def test_diverge_factor_sets_where_the_sweep_stops():
             beta=0.7,
             diverge_factor=factor,
         )
-        smoothed = np.array(finder.smoothed_losses)
-        assert smoothed[-1] > factor * smoothed.min()
-        assert (smoothed[:-1] <= factor * np.minimum.accumulate(smoothed)[:-1]).all()
-        stops[factor] = len(smoothed)
+        verdicts = diverged_by_hand(finder.losses, factor)
+        assert verdicts == [False] * (len(verdicts) - 1) + [True]
+        stops[factor] = len(finder.losses)
     assert stops[1.5] < stops[100.0] < 200
 
 
@@ -786,3 +839,134 @@ def test_bad_input_raises_and_leaves_the_model_untouched(case, message):
     for path, value in before[0].items():
         assert np.array_equal(bits(after[0][path]), bits(value)), path
     assert getattr(model, "history", None) is None or not model.history.history
+
+
+# Divergence: where the sweep stops, and no rule past it
+
+
+def digits_mlp(optimizer):
+    """A 64-64-10 MLP whose initial weights (Glorot uniform, zero biases) are
+    drawn by NumPy: the same on every backend, whose own draws differ."""
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    weights = []
+    for kernel, bias in zip(*[iter(model.get_weights())] * 2, strict=True):
+        limit = math.sqrt(6 / sum(kernel.shape))
+        weights += [rng.uniform(-limit, limit, kernel.shape), np.zeros_like(bias)]
+    model.set_weights(weights)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda: keras.optimizers.SGD(0.01, momentum=0.9), lambda: keras.optimizers.Adam()],
+    ids=["sgd", "adam"],
+)
+def test_default_sweep_on_digits_stops_at_divergence_and_suggests_below(optimizer):
+    x, y = digits()
+    finder = find_lr(digits_mlp(optimizer()), x, y)
+    # The whole sweep, 1e-7 to 10, from the same weights and order.
+    whole = find_lr(digits_mlp(optimizer()), x, y, stop_on_divergence=False)
+    assert len(whole.lrs) == 100
+    stop = len(finder.lrs)
+    assert 20 < stop < 100
+    assert finder.lrs[-1] < 1.0
+    assert finder.divergence_lr == finder.lrs[-1] == whole.divergence_lr
+    np.testing.assert_allclose(finder.losses, whole.losses[:stop], rtol=1e-4)
+    # Measured apart from the rule: the first rate after the lowest loss at
+    # which the batch loss is worse than at the start (chance, about log 10).
+    losses = np.array(whole.losses)
+    lowest = int(np.argmin(losses))
+    worse = lowest + int(np.argmax(losses[lowest:] > np.median(losses[:10])))
+    assert losses[worse] > np.median(losses[:10]) > 2.0
+    for sweep in (finder, whole):
+        suggestions = sweep.suggestions()
+        assert max(suggestions.values()) < min(whole.lrs[worse], finder.divergence_lr)
+        assert min(suggestions.values()) > 1e-6
+
+
+def test_rules_read_only_the_curve_before_the_divergence():
+    """A fall at 1e-2, a divergence at 0.1 (the loss 30 times its lowest),
+    then a steeper fall back to a chance level: the fall after the
+    divergence is the steepest of the whole curve, and no rule may use it."""
+    log_lrs = np.linspace(-6.0, 1.0, 106)
+    loss = 2.0 - 1.8 / (1 + np.exp(-(log_lrs + 2.0) / 0.25))
+    loss = np.where(log_lrs >= -1.0, 6.0 - 10.0 * (log_lrs + 1.0), loss)
+    loss = np.maximum(loss, np.where(log_lrs >= -1.0, 2.3, 0.0))
+    finder = LRFinder()
+    finder.lrs = [float(10.0**x) for x in log_lrs]
+    finder.losses = [float(v) for v in loss]
+    first_high = int(np.argmax(log_lrs >= -1.0))
+    assert finder.divergence_lr == finder.lrs[first_high + 1]
+    whole = np.log10(finder.lrs)
+    slopes = np.gradient(finder.curve(), whole)
+    assert whole[np.argmin(slopes)] > -1.0  # unrestricted, steepest is past it
+    suggestions = finder.suggestions()
+    assert max(suggestions.values()) < finder.divergence_lr
+    assert abs(math.log10(suggestions["steepest"]) + 2.0) < 0.15
+
+
+def test_a_loss_that_never_changes_warns():
+    finder = LRFinder()
+    finder.lrs = [float(rate) for rate in np.geomspace(1e-7, 10, 100)]
+    finder.losses = [1.0] * 100
+    finder.smoothed_losses = [1.0] * 100
+    with pytest.warns(UserWarning, match="The loss did not change") as record:
+        finder.suggestions()
+    assert len(record) == 1
+    assert "within 0.1% of 1" in str(record[0].message)
+    with pytest.warns(UserWarning, match="The loss did not change"):
+        finder.suggestion("valley")
+    # A loss that falls by 1% is read without a warning.
+    finder.losses = [float(v) for v in np.linspace(1.0, 0.99, 100)]
+    assert finder.suggestion("min_div_10") == pytest.approx(1.0)
+
+
+class ReconstructionLoss(keras.layers.Layer):
+    """Adds the mean squared difference of its two inputs as a loss."""
+
+    def call(self, inputs):
+        reconstruction, target = inputs
+        self.add_loss(keras.ops.mean(keras.ops.square(reconstruction - target)))
+        return reconstruction
+
+
+def test_find_lr_without_targets_on_a_model_trained_by_add_loss():
+    inputs = keras.Input((4,))
+    reconstruction = keras.layers.Dense(4, kernel_initializer="zeros")(inputs)
+    model = keras.Model(inputs, ReconstructionLoss()([reconstruction, inputs]))
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    x = np.random.default_rng(0).standard_normal((8 * BATCH, 4)).astype("float32")
+    finder = find_lr(
+        model, x, batch_size=BATCH, start_lr=1e-3, end_lr=1.0, num_steps=20
+    )
+    assert len(finder.lrs) == 20
+    # From mean(x ** 2) with the zero kernel, down as the rate grows.
+    assert finder.losses[0] == pytest.approx(float((x[:BATCH] ** 2).mean()), rel=0.5)
+    assert min(finder.losses) < 0.5 * finder.losses[0]
+    assert not to_numpy(model.layers[1].kernel).any()  # restored zeros
+
+
+def test_suggestion_needs_five_points_before_the_divergence():
+    finder = LRFinder()
+    finder.lrs = [float(rate) for rate in np.geomspace(1e-3, 1.0, 10)]
+    finder.losses = [2.0, 1.0, 1.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0]
+    # The median of the last 3 is 9 > 4 * 1 at the fifth batch.
+    assert finder.divergence_lr == finder.lrs[4]
+    with pytest.raises(ValueError, match=r"diverged at lr 0\.0215, after 4 "):
+        finder.suggestion()
+    # One low loss among the 9s: a median of 3 is still 1 there.
+    finder.losses[4] = 1.0
+    assert finder.divergence_lr == finder.lrs[5]
+    assert finder.suggestion("min_div_10") == finder.lrs[0] / 10
