@@ -78,6 +78,12 @@ TEXT = {"num_heads": 2, "hidden_dim": 8, "intermediate_dim": 16}
 # name -> (builder, the blocks its authors name)
 MODELS: dict[str, tuple[Callable[[], keras.Model], str]] = {
     "ResNet50": (application("ResNet50"), "stem + 16 residual blocks = 17"),
+    "ResNet101": (application("ResNet101"), "stem + 33 residual blocks = 34"),
+    "ResNet50V2": (application("ResNet50V2"), "stem + 16 residual blocks = 17"),
+    "MobileNet": (
+        application("MobileNet"),
+        "stem + 13 blocks (`conv_dw_i` + `conv_pw_i`) = 14",
+    ),
     "MobileNetV2": (
         application("MobileNetV2"),
         "stem + `expanded_conv` + `block_1`..`block_16` + top conv = 19",
@@ -90,6 +96,14 @@ MODELS: dict[str, tuple[Callable[[], keras.Model], str]] = {
         application("EfficientNetB0"),
         "stem + 16 blocks (`block1a`..`block7a`) = 17, top conv in the head",
     ),
+    "EfficientNetV2B0": (
+        application("EfficientNetV2B0"),
+        "stem + 21 blocks (`block1a`..`block6h`) = 22, top conv in the head",
+    ),
+    "InceptionV3": (
+        application("InceptionV3", 75),
+        "5 stem convolutions (`conv2d`..`conv2d_4`) + `mixed0`..`mixed10` = 16",
+    ),
     "DenseNet121": (
         application("DenseNet121"),
         "stem + 58 dense-block layers + 3 transitions = 62",
@@ -97,6 +111,10 @@ MODELS: dict[str, tuple[Callable[[], keras.Model], str]] = {
     "VGG16": (
         application("VGG16"),
         "13 convolutions `block1_conv1`..`block5_conv3` + fc1, fc2 = 15",
+    ),
+    "VGG19": (
+        application("VGG19"),
+        "16 convolutions `block1_conv1`..`block5_conv4` + fc1, fc2 = 18",
     ),
     "ConvNeXtTiny": (
         application("ConvNeXtTiny"),

@@ -146,7 +146,7 @@ def _named_blocks(graph: Graph, found: list[Node], members: int) -> list[Node]:
         while position < len(found) and found[position].index < node.index:
             position += 1
         if members >> node.index & 1:
-            prefix = block_prefix(node.layer.name)
+            prefix = _authored_prefix(node)
             if prefix is not None:
                 segments[position].add(prefix)
     named = [i for i, prefixes in enumerate(segments) if prefixes]
@@ -202,7 +202,7 @@ def tower_levels(graph: Graph) -> dict[str, int] | None:
     levels: dict[str, int] = {}
     deepest_embedding = 0
     for nodes in towers.values():
-        prefixes = [block_prefix(node.layer.name) for node in nodes]
+        prefixes = [_authored_prefix(node) for node in nodes]
         last = max(
             (i for i, prefix in enumerate(prefixes) if prefix is not None), default=-1
         )
@@ -255,13 +255,47 @@ def block_prefix(name: str) -> str | None:
     return "_".join(words[: indexed[-1] + 1])
 
 
+def _authored_prefix(node: Node) -> str | None:
+    """`block_prefix` of a layer's name, or None for a name Keras chose
+    (`conv2d`, `batch_normalization_3`: the class name and a counter), which
+    names no block."""
+    name = node.layer.name
+    automatic = _snake_case(type(node.layer).__name__)
+    if re.fullmatch(rf"{re.escape(automatic)}(_\d+)?", name):
+        return None
+    return block_prefix(name)
+
+
+def _snake_case(name: str) -> str:
+    """A class name as Keras turns it into a layer's default name."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
 def _same_block(prefixes: set[str], block: set[str]) -> bool:
-    """Whether two segments share a block prefix; one that ends with another
-    counts (MobileNetV2's `bn_Conv1` after `Conv1`)."""
-    return any(
-        a == b or a.endswith(f"_{b}") or b.endswith(f"_{a}")
-        for a in prefixes
-        for b in block
+    """Whether two segments share a block prefix, or two prefixes that name
+    one block: one that starts or ends with the other word by word
+    (ResNet50V2's `conv2_block1` pre-activation before `conv2_block1_1`;
+    MobileNetV2's `bn_Conv1` after `Conv1`), or two that differ in one word
+    without a digit (MobileNet's `conv_dw_1` and `conv_pw_1`)."""
+    return any(_one_block(a, b) for a in prefixes for b in block)
+
+
+def _one_block(a: str, b: str) -> bool:
+    if a == b or a.startswith(f"{b}_") or b.startswith(f"{a}_"):
+        return True
+    if a.endswith(f"_{b}") or b.endswith(f"_{a}"):
+        return True
+    words_a, words_b = a.split("_"), b.split("_")
+    if len(words_a) != len(words_b):
+        return False
+    differ = [(x, y) for x, y in zip(words_a, words_b, strict=True) if x != y]
+    # `conv_dw_1` / `conv_pw_1`; an index, or an encoder and a decoder, is
+    # another block.
+    return (
+        len(differ) == 1
+        and not any(c.isdigit() for word in differ[0] for c in word)
+        and not set(differ[0]) & set(_TOWER_WORDS)
     )
 
 

@@ -448,6 +448,16 @@ def test_automatic_blocks_follow_the_names_the_authors_gave():
     stopgrad_lr.summary(decayed, print_fn=lines.append)
     assert lines[-2].startswith("Learning-rate levels: 19 multipliers, 1 down to")
 
+    # A block split across names: MobileNet's `conv_dw_i` and `conv_pw_i`
+    # (stem + 13), ResNet50V2's pre-activation `convN_blockM_preact_*`
+    # before `convN_blockM_1_conv` (stem + 16).
+    for build, expected in (
+        (keras.applications.MobileNet, 14),
+        (keras.applications.ResNet50V2, 17),
+    ):
+        model = build(weights=None, input_shape=(32, 32, 3), classes=3)
+        assert auto_levels(model) == expected
+
     for kind in (keras_hub.models.ElectraBackbone, keras_hub.models.FNetBackbone):
         arguments = {"num_heads": 2} if kind is keras_hub.models.ElectraBackbone else {}
         if kind is keras_hub.models.ElectraBackbone:
