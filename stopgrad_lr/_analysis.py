@@ -5,6 +5,7 @@ boundaries, and the summary table."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -108,19 +109,227 @@ def layer_multipliers(graph: Graph, parameter_scales: bool = True) -> dict[str, 
 
 def block_boundaries(graph: Graph) -> list[Node]:
     """The layers after which layer-wise decay puts a scale when asked to
-    choose the blocks itself, in topological order.
+    choose the blocks itself, in topological order: one per block as the
+    model's authors named it.
 
-    A boundary is a cut through which the whole network passes: every layer
-    with trainable weights before it (in topological order) lies upstream of
-    it, and every one after it downstream. Of consecutive such cuts with no
-    trainable layer between them, the last one is the boundary (a block's
-    output, just before the next block starts). The last block, the head,
-    gets none. A shared layer or a stopgrad_lr layer is never a boundary.
+    The graph proposes: a candidate is a cut through which the whole network
+    passes (every layer with trainable weights before it, in topological
+    order, lies upstream of it, and every one after it downstream); of
+    consecutive candidates with no trainable layer between them, the last
+    one (a block's output, just before the next block starts). The names
+    decide where the graph over-splits a block (each convolution and
+    normalisation of a non-residual block is a cut of its own): the layers
+    between two candidates form a segment, and consecutive segments whose
+    trainable layers share a block prefix (`block_prefix`) are one block;
+    a segment with no indexed name joins the block below it (the stem, or
+    the embedding stage), or the head when no indexed block follows. A model
+    whose names carry no block index keeps one block per segment. The last
+    block, the head, gets no boundary. A shared layer or a stopgrad_lr layer
+    is never a boundary.
     """
-    cuts = graph.cuts()
-    above = graph.ancestors()
     reaches = graph.reaches_output()
     trains = [node.trainable and reaches[node.index] for node in graph.nodes]
+    everything = sum(1 << index for index, flag in enumerate(trains) if flag)
+    found = _named_blocks(graph, _whole_network_cuts(graph, everything), everything)
+    if found:
+        return found
+    # No cut passes the whole network (two towers, an encoder and a
+    # decoder): each tower is searched on its own, and decayed by its depth.
+    for tower in _towers(graph, everything):
+        found.extend(_named_blocks(graph, _whole_network_cuts(graph, tower), tower))
+    return sorted(found, key=lambda node: node.index)
+
+
+def _towers(graph: Graph, trainable: int) -> list[int]:
+    """The trainable layers grouped by the first trainable layers upstream of
+    them (the layers with none upstream: a vision and a text embedding, an
+    encoder's and a decoder's): each group is a tower, and the
+    layers that join towers (a head) form a group of their own. `trainable`
+    and the result are bit sets of node indices."""
+    above = graph.ancestors()
+    roots = 0
+    for node in graph.nodes:
+        bit = 1 << node.index
+        if trainable & bit and not above[node.index] & trainable & ~bit:
+            roots |= bit
+    groups: dict[int, int] = {}
+    for node in graph.nodes:
+        if trainable >> node.index & 1:
+            signature = above[node.index] & roots
+            groups[signature] = groups.get(signature, 0) | 1 << node.index
+    return list(groups.values())
+
+
+def _named_blocks(graph: Graph, found: list[Node], members: int) -> list[Node]:
+    """`found` (candidates in topological order), grouped by block prefix:
+    the boundaries of `block_boundaries` among the trainable layers of the
+    bit set `members`."""
+    segments: list[set[str]] = [set() for _ in range(len(found) + 1)]
+    position = 0
+    for node in graph.nodes:
+        while position < len(found) and found[position].index < node.index:
+            position += 1
+        if members >> node.index & 1:
+            prefix = _authored_prefix(node)
+            if prefix is not None:
+                segments[position].add(prefix)
+    named = [i for i, prefixes in enumerate(segments) if prefixes]
+    if not named:
+        return found
+    last_named = named[-1]
+    kept: list[Node] = []
+    block = segments[0]
+    for i in range(1, last_named + 1):
+        if segments[i] and not _same_block(segments[i], block):
+            kept.append(found[i - 1])
+            block = set(segments[i])
+        else:
+            block |= segments[i]
+    if last_named < len(found):
+        kept.append(found[last_named])
+    return kept
+
+
+_TOWER_WORDS = ("encoder", "decoder", "vision", "text")
+
+
+def tower_levels(graph: Graph) -> dict[str, int] | None:
+    """Per trainable layer path, its level under layer-wise decay by tower,
+    from the names alone; None unless the names place the layers in two
+    towers or more.
+
+    A layer's tower is the first of `encoder`, `decoder`, `vision`, `text`
+    among the words of its path (`clip_vision_encoder/encoder_block_0` is
+    in `vision`). In each tower, in topological order, the layers group into
+    blocks by `block_prefix` as in `block_boundaries` (the embedding stage
+    first; a layer without an indexed name joins the block below, or the
+    head after the last indexed block), and block `g` of a tower with `B`
+    gets level `B - g`: each tower is decayed by its own depth. A layer in
+    no tower is the head (level 0), but for an embedding shared by the towers
+    (T5's and Bart's `token_embedding`), which takes the deepest tower's
+    embedding level.
+    """
+    reaches = graph.reaches_output()
+    towers: dict[str, list[Node]] = {}
+    shared: list[Node] = []
+    for node in graph.first_calls():
+        if not (node.trainable and reaches[node.index]):
+            continue
+        words = re.split(r"[_/.\-]+", node.path.lower())
+        tower = next((word for word in words if word in _TOWER_WORDS), None)
+        if tower is None:
+            shared.append(node)
+        else:
+            towers.setdefault(tower, []).append(node)
+    if len(towers) < 2:
+        return None
+    levels: dict[str, int] = {}
+    deepest_embedding = 0
+    for nodes in towers.values():
+        prefixes = [_authored_prefix(node) for node in nodes]
+        last = max(
+            (i for i, prefix in enumerate(prefixes) if prefix is not None), default=-1
+        )
+        groups: list[int] = []  # per layer: its block number in the tower
+        block: set[str] = set()
+        for i, prefix in enumerate(prefixes):
+            if i > last:
+                groups.append(-1)  # the head
+            elif prefix is not None and groups and not _same_block({prefix}, block):
+                groups.append(max(groups) + 1)
+                block = {prefix}
+            else:
+                groups.append(max(groups, default=0))
+                block |= {prefix} if prefix is not None else set()
+        count = max(groups, default=-1) + 1
+        has_embedding = _EMBEDDING in prefixes
+        deepest_embedding = max(deepest_embedding, count + (not has_embedding))
+        for node, group in zip(nodes, groups, strict=True):
+            levels[node.path] = 0 if group < 0 else count - group
+    for node in shared:
+        embedding = block_prefix(node.layer.name) == _EMBEDDING
+        levels[node.path] = deepest_embedding if embedding else 0
+    return {
+        node.path: levels[node.path]
+        for node in graph.first_calls()
+        if node.path in levels
+    }
+
+
+_EMBEDDING = "embeddings"
+
+
+def block_prefix(name: str) -> str | None:
+    """The block a layer's name places it in, or None for a name without a
+    block index.
+
+    The name is split into words at `_`, `/`, `.` and `-`; the prefix runs up
+    to the last word holding a digit, the block index (`block_1_expand_BN`
+    -> `block_1`, `conv2_block1_1_conv` -> `conv2_block1_1`,
+    `transformer_layer_0` itself), as timm's `group_matcher` names blocks by
+    their index. Any name with a word holding "embed" is the embedding stage
+    (`token_embedding`, `embeddings_layer_norm`, `patch_embed`).
+    """
+    words = [word for word in re.split(r"[_/.\-]+", name.lower()) if word]
+    if any("embed" in word for word in words):
+        return _EMBEDDING
+    indexed = [i for i, word in enumerate(words) if any(c.isdigit() for c in word)]
+    if not indexed:
+        return None
+    return "_".join(words[: indexed[-1] + 1])
+
+
+def _authored_prefix(node: Node) -> str | None:
+    """`block_prefix` of a layer's name, or None for a name Keras chose
+    (`conv2d`, `batch_normalization_3`: the class name and a counter), which
+    names no block."""
+    name = node.layer.name
+    automatic = _snake_case(type(node.layer).__name__)
+    if re.fullmatch(rf"{re.escape(automatic)}(_\d+)?", name):
+        return None
+    return block_prefix(name)
+
+
+def _snake_case(name: str) -> str:
+    """A class name as Keras turns it into a layer's default name."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _same_block(prefixes: set[str], block: set[str]) -> bool:
+    """Whether two segments share a block prefix, or two prefixes that name
+    one block: one that starts or ends with the other word by word
+    (ResNet50V2's `conv2_block1` pre-activation before `conv2_block1_1`;
+    MobileNetV2's `bn_Conv1` after `Conv1`), or two that differ in one word
+    without a digit (MobileNet's `conv_dw_1` and `conv_pw_1`)."""
+    return any(_one_block(a, b) for a in prefixes for b in block)
+
+
+def _one_block(a: str, b: str) -> bool:
+    if a == b or a.startswith(f"{b}_") or b.startswith(f"{a}_"):
+        return True
+    if a.endswith(f"_{b}") or b.endswith(f"_{a}"):
+        return True
+    words_a, words_b = a.split("_"), b.split("_")
+    if len(words_a) != len(words_b):
+        return False
+    differ = [(x, y) for x, y in zip(words_a, words_b, strict=True) if x != y]
+    # `conv_dw_1` / `conv_pw_1`; an index, or an encoder and a decoder, is
+    # another block.
+    return (
+        len(differ) == 1
+        and not any(c.isdigit() for word in differ[0] for c in word)
+        and not set(differ[0]) & set(_TOWER_WORDS)
+    )
+
+
+def _whole_network_cuts(graph: Graph, members: int) -> list[Node]:
+    """The candidates of `block_boundaries` among the trainable layers of
+    the bit set `members` (the whole network, or one tower), from the graph
+    alone."""
+    cuts = graph.cuts()
+    above = graph.ancestors()
+    trains = [bool(members >> node.index & 1) for node in graph.nodes]
     downstream_of_all_later: dict[int, int] = {}
     later = -1  # the AND of `above` over the trainable layers after a node
     for index in reversed(range(len(graph.nodes))):
@@ -139,6 +348,7 @@ def block_boundaries(graph: Graph) -> list[Node]:
             cuts.get(index)
             and node.scale is None
             and graph.calls(node.layer) == 1
+            and (earlier or trains[index])
             and not earlier & ~above[index]
             and downstream_of_all_later[index] >> index & 1
         ):
@@ -260,7 +470,10 @@ def summary(
     after it gives everything upstream a clean multiplier), and the product
     of the gradient scales between its output and the model's outputs, or
     every distinct product when paths disagree; a frozen layer (weights but
-    none trainable) reads `0 (frozen)`.
+    none trainable) reads `0 (frozen)`. When the layers train at more than
+    one rate, a line counts the distinct multipliers (a layer-wise decay
+    with `n` boundaries makes `n + 1`: the head's 1 and `decay ** i` for
+    `i` up to `n`).
 
     Args:
         model: A built functional or Sequential model.
@@ -283,6 +496,7 @@ def summary(
         body   Dense                        40  yes         0.1
         scale  GradientScale                 0    -           1
         head   Dense                        18  yes           1
+        Learning-rate levels: 2 multipliers, 1 down to 0.1
         Total trainable params: 58
         >>> rows[0].multiplier
         0.1
@@ -350,5 +564,20 @@ def _format_rows(
         ).rstrip()
         for line in table
     ]
+    # A layer's multiplier counts when it trains (a frozen one has 0) and is
+    # one value (nan when paths disagree).
+    levels = sorted(
+        {
+            row.multiplier
+            for row in rows
+            if row.trainable_params and not math.isnan(row.multiplier)
+        },
+        reverse=True,
+    )
+    if len(levels) > 1:
+        lines.append(
+            f"Learning-rate levels: {len(levels)} multipliers, "
+            f"{levels[0]:g} down to {levels[-1]:g}"
+        )
     total = sum(row.trainable_params for row in rows)
     return [*lines, f"Total trainable params: {total}"]

@@ -21,6 +21,7 @@ from stopgrad_lr._analysis import (
     cut_layers,
     explain_bypass,
     layer_multipliers,
+    tower_levels,
 )
 from stopgrad_lr._check import warn_if_mismatched
 from stopgrad_lr._freeze import freeze_layers, frozen_paths
@@ -398,17 +399,23 @@ def layerwise_decay(
     the block `i` boundaries below the head trains at `decay ** i` times the
     base rate: the layer-wise decay used to fine-tune BERT and ViT models.
 
-    With `boundaries="auto"` the blocks are found in the graph: a boundary is
-    a cut through which the whole network passes (every trainable layer
-    before it lies upstream of it, every one after it downstream), the last
-    such cut before the next block starts; the head gets none. On a
-    Sequential model that is every layer with weights but the last; on
-    ResNet50 the stem's `conv1_conv`, `pool1_pool` and each residual block's
-    output (`conv2_block1_out` ... `conv5_block3_out`; the last one moves to
-    `avg_pool`); on a keras-hub BertBackbone `token_embedding`,
-    `embeddings_add`, `embeddings_dropout` and each `transformer_layer_i`
-    but the last, whose group moves to `get_item` (`docs/surgery.md` lists
-    them). A layer literally named "auto" is selected with `["auto"]`.
+    With `boundaries="auto"` there is one level per block as the model's
+    authors named it (`docs/surgery.md` lists what it finds): the graph
+    proposes the cuts through which the whole network passes, and the layer
+    names group them where the graph over-splits a block (consecutive
+    segments whose layers share a block prefix such as `block_1_`,
+    `conv2_block1_` or `transformer_layer_0`, and the embedding stage, are
+    one block); the head gets none. On ResNet50 that is `pool1_pool`
+    (closing the stem) and each residual block's output, 17 levels; on
+    MobileNetV2 18 (the stem, `block_1` ... `block_16`, the top conv); on a
+    keras-hub BertBackbone with L layers L + 1 (the embedding stage, its
+    LayerNormalization included, and each layer). A model with two towers
+    (CLIP, SigLIP) is decayed per tower, each by its own depth, and checked
+    against the levels the towers' names give; where no gradient scale can
+    give them (an encoder and a decoder: T5, Bart, Whisper) it raises and
+    points to `multi_optimizer` with `layerwise_decay_multipliers`.
+    `stopgrad_lr.summary` prints how many levels the result has. A layer
+    literally named "auto" is selected with `["auto"]`.
 
     Args:
         model: A built functional or Sequential model.
@@ -427,7 +434,8 @@ def layerwise_decay(
     Raises:
         ValueError: As `insert_gradient_scales`; if `decay` is not in
             (0, 1]; if `boundaries` is an empty list; or if `"auto"` finds no
-            boundary (a model with a single block).
+            boundary (a model with a single block), or cannot decay each
+            tower by its own depth (an encoder and a decoder).
 
     Examples:
         >>> import keras, stopgrad_lr
@@ -446,21 +454,14 @@ def layerwise_decay(
     """
     check_rewritable(model, "layerwise_decay")
     copy = validate_flag(copy, "copy")
-    decay = validate_scale(decay, argument="decay")
-    if not 0 < decay <= 1:
-        raise invalid(
-            "decay",
-            "a float > 0 and <= 1, in (0, 1]: the factor by which each block's rate "
-            "falls below the next (a stop is a scale of 0, and other scales can be "
-            "set with insert_gradient_scales)",
-            decay,
-        )
+    decay = _validate_decay(decay)
     if isinstance(boundaries, str) and boundaries == "auto":
         method = validate_method(method)
         validate_choice(on_bypass, "on_bypass", ON_BYPASS)
         graph = Graph(model)
         found = block_boundaries(graph)
-        if not found:
+        towers = tower_levels(graph)
+        if not found and towers is None:
             raise ValueError(
                 f"layerwise_decay(boundaries='auto') found no block boundary in "
                 f"the model '{model.name}': no cut separates two groups of "
@@ -469,7 +470,10 @@ def layerwise_decay(
             )
         chosen = {id(node.layer): decay for node in found}
         _check_no_scale_already(graph, chosen)
-        return _insert(model, graph, chosen, method, True, copy)
+        new_model = _insert(model, graph, chosen, method, True, copy)
+        if towers is not None:
+            _check_towers(model, Graph(new_model), towers, decay)
+        return new_model
     patterns = (
         [boundaries]
         if isinstance(boundaries, str | bytes) or not isinstance(boundaries, Sequence)
@@ -509,7 +513,13 @@ def layerwise_decay_multipliers(
     `stopgrad_lr.multi_optimizer(model, multipliers, AdamW(...))` gives each
     group its own copy of the optimizer, and
     `stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=...)`
-    chooses a mechanism for it. The decayed model is built only to be read,
+    chooses a mechanism for it. With `"auto"` on a model whose layer names
+    place them in towers (`encoder_`/`decoder_`, `vision_`/`text_`), each
+    tower is decayed by its own depth from the names
+    (`stopgrad_lr._analysis.tower_levels`), also where gradient scales cannot
+    deliver it and `layerwise_decay` raises (T5, Bart, Whisper: the
+    encoder's output enters every decoder layer); layers without trainable
+    weights are left out. Otherwise the decayed model is built only to be read,
     with the input model's own layers, and dropped: `model` keeps its
     layers, weights and outputs.
 
@@ -537,6 +547,16 @@ def layerwise_decay_multipliers(
         >>> stopgrad_lr.layerwise_decay_multipliers(model, "block*_out", 0.5)
         {'block0_out': 0.125, 'block1_out': 0.25, 'block2_out': 0.5, 'head': 1.0}
     """
+    if isinstance(boundaries, str) and boundaries == "auto":
+        check_rewritable(model, "layerwise_decay_multipliers")
+        decay = _validate_decay(decay)
+        graph = Graph(model)
+        towers = tower_levels(graph)
+        if towers is not None:
+            _check_no_gradient_layers(graph)
+            # Every layer with trainable weights (a frozen one has none, and
+            # `multi_optimizer` takes no pattern for it).
+            return {path: _decayed(decay, level) for path, level in towers.items()}
     graph = Graph(layerwise_decay(model, boundaries, decay))
     trains = {node.path for node in graph.nodes if node.trainable}
     return {
@@ -544,6 +564,50 @@ def layerwise_decay_multipliers(
         for path, value in layer_multipliers(graph).items()
         if path in trains
     }
+
+
+def _validate_decay(decay: Any) -> float:
+    decay = validate_scale(decay, argument="decay")
+    if not 0 < decay <= 1:
+        raise invalid(
+            "decay",
+            "a float > 0 and <= 1, in (0, 1]: the factor by which each block's rate "
+            "falls below the next (a stop is a scale of 0, and other scales can be "
+            "set with insert_gradient_scales)",
+            decay,
+        )
+    return decay
+
+
+def _decayed(decay: float, level: int) -> float:
+    """`decay ** level` to the 7 digits `effective_multipliers` reports."""
+    return float(f"{decay**level:.7g}")
+
+
+def _check_towers(
+    model: keras.Model, new_graph: Graph, towers: Mapping[str, int], decay: float
+) -> None:
+    """Raises unless the decayed model gives each tower's layers the decay of
+    their level: where no cut separates a tower's blocks (an encoder whose
+    output enters every decoder layer, an embedding both towers share),
+    gradient scales cannot."""
+    got = layer_multipliers(new_graph)
+    for path, level in towers.items():
+        want = _decayed(decay, level)
+        have = got.get(path, math.nan)
+        if not math.isclose(have, want, rel_tol=_CHECK_RTOL, abs_tol=0.0):
+            raise ValueError(
+                f"layerwise_decay(boundaries='auto') cannot decay each tower of "
+                f"the model '{model.name}' by its own depth with gradient scales: "
+                f"layer '{path}' would train at {have:g} instead of "
+                f"{decay:g}**{level} = {want:g}, because no cut separates its "
+                f"block from the next (an encoder's output enters every decoder "
+                f"layer; towers may share an embedding), so part of its gradient "
+                f"flows around every scale. Give each layer its multiplier in an "
+                f"optimizer group of its own: `stopgrad_lr.multi_optimizer(model, "
+                f"stopgrad_lr.layerwise_decay_multipliers(model, 'auto', "
+                f"{decay:g}), optimizer)`."
+            )
 
 
 def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Model:
@@ -687,19 +751,24 @@ def _boundaries_for(graph: Graph, targets: Mapping[int, float]) -> dict[int, flo
     target; the scale at a cut is its level divided by its parent's.
     """
     cut_of_layer = cut_layers(graph)
-    cut_nodes = [
-        node
-        for node in graph.nodes
-        if node.scale is None
-        and graph.calls(node.layer) == 1
-        and id(node.layer) in cut_of_layer
-        and cut_of_layer[id(node.layer)] is None
-    ]
+    # A shared layer that is a cut (a scale after each of its calls, as
+    # `insert_gradient_scales` puts it) is one cut, placed at its last call,
+    # whose region is the union of its calls' regions: the regions stay
+    # nested or disjoint, since a cut downstream of one call lies downstream
+    # of all of them.
+    regions: dict[int, int] = {}  # layer id -> bit set of its upstream region
+    last_call: dict[int, Node] = {}
+    for node in graph.nodes:
+        key = id(node.layer)
+        if node.scale is None and key in cut_of_layer and cut_of_layer[key] is None:
+            regions[key] = regions.get(key, 0) | graph.ancestors()[node.index]
+            last_call[key] = node
+    cut_nodes = sorted(last_call.values(), key=lambda node: node.index)
     segment: dict[int, int] = {}  # node index -> index of its segment's cut
     parent: dict[int, int | None] = {}
     assigned = open_cuts = 0  # bit sets of node indices
     for cut in cut_nodes:
-        region = graph.ancestors()[cut.index]
+        region = regions[id(cut.layer)]
         for index in _bits(region & ~assigned):
             segment[index] = cut.index
         for child in _bits(region & open_cuts):

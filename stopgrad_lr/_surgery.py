@@ -259,15 +259,78 @@ class Rebuild:
         return new
 
 
+@keras.saving.register_keras_serializable(package="stopgrad_lr")
+class NamedOutputsModel(keras.Model):
+    """A functional model that keeps output names of its own in its config.
+
+    Keras names a functional model's outputs after the layers that produce
+    them, when it is built and again when it is loaded: a gradient scale
+    after an output layer (`head_gradient_scale`) would rename that output
+    in a `.keras` file, and a loss dict keyed by the original names would no
+    longer fit. A rewrite whose outputs are renamed so returns this class,
+    which stores the original names in `get_config` and sets them again in
+    `from_config`; it is otherwise the functional model Keras builds.
+    """
+
+    def __init__(self, *args: Any, output_names: Sequence[str] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if output_names:
+            self.output_names = list(output_names)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "output_names": list(self.output_names)}
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], custom_objects: Any = None
+    ) -> NamedOutputsModel:
+        config = dict(config)
+        names = config.pop("output_names", ())
+        model = super().from_config(config, custom_objects=custom_objects)
+        if names:
+            model.output_names = list(names)
+        return model
+
+
+def _produced_names(model: keras.Model) -> list[str]:
+    return [tensor._keras_history[0].name for tensor in model.outputs]
+
+
 def finish(new_model: keras.Model, original: keras.Model, copy: bool) -> keras.Model:
     """`new_model`, or with `copy=True` a clone of it with weights of its own
     and the same trainability: `clone_model` keeps each layer's flag, not a
     variable's own (the gamma of a BatchNormalization frozen alone). Either
-    way with the input model's public attributes (see `_keep_attributes`)."""
+    way a `NamedOutputsModel` when a new layer produces one of its outputs,
+    and with the input model's public attributes (see `_keep_attributes`)."""
     if copy:
         new_model = _copied(new_model, original)
+    new_model = _named_outputs(new_model)
     _keep_attributes(new_model, original)
     return new_model
+
+
+def _named_outputs(new_model: keras.Model) -> keras.Model:
+    """A `NamedOutputsModel` when a new layer produces one of the outputs,
+    else a plain model (a stripped model loads where stopgrad_lr is not
+    installed)."""
+    if isinstance(new_model, keras.Sequential):
+        return new_model
+    renamed = list(new_model.output_names) != _produced_names(new_model)
+    if renamed == isinstance(new_model, NamedOutputsModel):
+        return new_model
+    rebuilt = (
+        NamedOutputsModel(
+            new_model.input,
+            new_model.output,
+            name=new_model.name,
+            output_names=new_model.output_names,
+        )
+        if renamed
+        else keras.Model(new_model.input, new_model.output, name=new_model.name)
+    )
+    if not new_model.trainable:
+        rebuilt.trainable = False
+    return rebuilt
 
 
 def _keep_attributes(new_model: keras.Model, original: keras.Model) -> None:
@@ -342,6 +405,8 @@ def _copied(new_model: keras.Model, original: keras.Model) -> keras.Model:
     copied.set_weights(new_model.get_weights())
     for source, target in zip(new_model.weights, copied.weights, strict=True):
         target.trainable = source.trainable
+    if not isinstance(new_model, keras.Sequential):
+        copied.output_names = list(new_model.output_names)
     return copied
 
 

@@ -595,6 +595,8 @@ def test_keras_hub_backbone_files(tmp_path, capsys):
     assert "TransformerEncoder" in result.stdout
     result = run_command("rewrite", source, tuned, "--decay", "auto=0.5")
     assert result.returncode == 0, result.stderr
+    # The embedding stage and 2 layers below the pooler: 3 boundaries.
+    assert "Learning-rate levels: 4 multipliers, 1 down to 0.125" in result.stdout
     result = run_command("strip", tuned, plain)
     assert result.returncode == 0, result.stderr
 
@@ -605,7 +607,7 @@ def test_keras_hub_backbone_files(tmp_path, capsys):
     }
     multipliers = effective_multipliers(load(tuned))
     assert multipliers["transformer_layer_1"] == 0.5
-    assert multipliers["token_embedding"] == 0.5**4
+    assert multipliers["token_embedding"] == 0.5**3
     expected = keras.tree.flatten(backbone(data))
     for path in (tuned, plain):
         got = keras.tree.flatten(load(path)(data))
