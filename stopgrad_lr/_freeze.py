@@ -99,10 +99,10 @@ def freeze_layers(
     for path, layer in iter_layers(model):
         if path not in wanted:
             continue
-        # Keras's setter reaches the sublayers it tracks; a layer built by
-        # hand can hold more (keras-hub's Gemma attention keeps its LoRA
-        # projections out of reach), so every sublayer and variable is
-        # frozen too.
+        # Keras's setter walks each layer's tracked sublayers; on keras-hub's
+        # Gemma after `enable_lora` it was seen to leave the attention's LoRA
+        # kernels trainable (tests/test_per_variable.py), so every sublayer
+        # held as an attribute and every variable is frozen too.
         for sublayer in sublayers(layer):
             sublayer.trainable = False
         for variable in layer.weights:

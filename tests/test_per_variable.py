@@ -245,8 +245,10 @@ def test_layerwise_decay_with_sgd_is_what_the_reports_say(name):
     measured = measured_multipliers(
         decayed, sgd, model, keras.optimizers.SGD(0.01, momentum=0.9), x, y
     )
-    # keras-hub's Gemma computes its RMS norms in float32 whatever the policy.
-    rtol = 1e-4 if name == "gemma_lora" else SGD_RTOL
+    # keras-hub's Gemma computes its RMS norms in float32 whatever the
+    # policy, and TensorFlow's threaded float32 sums round differently from
+    # run to run: measured up to 1.1e-4 relative on a LoRA kernel.
+    rtol = 1e-3 if name == "gemma_lora" else SGD_RTOL
     assert_reports_agree(measured, variable_multipliers(decayed), rtol)
     assert_reports_agree(measured, variable_multipliers(decayed, sgd), rtol)
     assert min(measured.values()) < 0.3  # the decay is there to be measured
