@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from stopgrad_lr._callbacks import ScaleSchedule
     from stopgrad_lr._check import (
         OptimizerCheck,
+        OptimizerGroup,
         OptimizerMismatchWarning,
         OptimizerReport,
         check_optimizer,
@@ -64,6 +65,7 @@ _MODULES = {
     "stopgrad_lr._callbacks": ("ScaleSchedule",),
     "stopgrad_lr._check": (
         "OptimizerCheck",
+        "OptimizerGroup",
         "OptimizerMismatchWarning",
         "OptimizerReport",
         "check_optimizer",
@@ -97,6 +99,7 @@ __all__ = [
     "LRFinder",
     "MultipliedSchedule",
     "OptimizerCheck",
+    "OptimizerGroup",
     "OptimizerMismatchWarning",
     "OptimizerReport",
     "ParameterScale",

@@ -44,6 +44,48 @@ class OptimizerMismatchWarning(UserWarning):
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerGroup:
+    """One group of a `keras.optimizers.MultiOptimizer`, as
+    `stopgrad_lr.check_optimizer` reads it: what `stopgrad_lr.multi_optimizer`
+    made, or a MultiOptimizer built by hand.
+
+    Attributes:
+        name: The group optimizer's name, as `"adam_w_x0.1_wd0"`.
+        optimizer: Its class, as `"AdamW"`.
+        multiplier: Its learning rate over the default group's, now: the
+            learning-rate multiplier of its variables (`nan` for a group of
+            another class than the default, which is another optimizer
+            rather than a multiplier).
+        learning_rate: Its learning rate now (a schedule's current value).
+        weight_decay: Its `weight_decay` (`None` or 0 for none).
+        variables: The paths of the model's trainable variables it updates
+            (empty without a model).
+        default: Whether it is the default group, which updates every
+            variable that no other group selects.
+    """
+
+    name: str
+    optimizer: str
+    multiplier: float
+    learning_rate: float
+    weight_decay: float | None
+    variables: tuple[str, ...]
+    default: bool = False
+
+    def __str__(self) -> str:
+        decay = (
+            "" if self.weight_decay is None else f", weight decay {self.weight_decay:g}"
+        )
+        default = ", the default group" if self.default else ""
+        variables = ", ".join(self.variables) if self.variables else "no variable"
+        return (
+            f"'{self.name}' ({self.optimizer}{default}): multiplier "
+            f"{self.multiplier:g}, learning rate {self.learning_rate:g}{decay}: "
+            f"{variables}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimizerReport:
     """What `stopgrad_lr.check_optimizer` found.
 
@@ -57,6 +99,10 @@ class OptimizerReport:
             multipliers and how to fix it.
         recommended: The mechanism that works with this optimizer:
             `"gradient_scale"`, `"reparametrize"` or `"multi_optimizer"`.
+        groups: For a `MultiOptimizer` (such as `stopgrad_lr.multi_optimizer`
+            returns), its groups: which variable goes to which group, at what
+            learning-rate multiplier and weight decay (`OptimizerGroup`);
+            empty for any other optimizer. `str(report)` lists them.
 
     The report's truth value is `ok`, so `if not report: print(report)`
     reads as it should.
@@ -66,6 +112,7 @@ class OptimizerReport:
     ok: bool
     problems: list[str]
     recommended: str
+    groups: list[OptimizerGroup] = dataclasses.field(default_factory=list)
 
     def __bool__(self) -> bool:
         """`report.ok`, so that `if check_optimizer(optimizer, model):` reads
@@ -74,15 +121,19 @@ class OptimizerReport:
 
     def __str__(self) -> str:
         if self.ok:
-            return (
+            lines = [
                 f"{self.optimizer} gives the layers the learning-rate "
                 f"multipliers that the model's stopgrad_lr layers imply."
-            )
-        lines = [
-            f"{self.optimizer} does not give the layers the learning-rate "
-            f"multipliers that the model's stopgrad_lr layers imply:"
-        ]
-        lines += [f"- {problem}" for problem in self.problems]
+            ]
+        else:
+            lines = [
+                f"{self.optimizer} does not give the layers the learning-rate "
+                f"multipliers that the model's stopgrad_lr layers imply:"
+            ]
+            lines += [f"- {problem}" for problem in self.problems]
+        if self.groups:
+            lines.append("Groups (multiplier: learning rate over the default group's):")
+            lines += [f"- {group}" for group in self.groups]
         return "\n".join(lines)
 
 
@@ -189,8 +240,21 @@ def _report(optimizer: Any, model: Any, graph: Graph | None = None) -> Optimizer
         _sentence(problem, owner, items, owners)
         for owner, problem, items in groups.values()
     ]
+    if owners.unreadable:
+        sentences.append(
+            f"{describe_optimizer(optimizer)} chooses each variable's optimizer "
+            f"with a function, which stopgrad_lr cannot read, and has not been "
+            f"built, so its group optimizers are not known yet. Check it again "
+            f"after `optimizer.build(model.trainable_variables)` (or training), "
+            f"or build it from a keras.optimizers.OptimizerMap, as "
+            f"`stopgrad_lr.multi_optimizer` does, whose groups can be read."
+        )
     return OptimizerReport(
-        describe_optimizer(optimizer), not sentences, sentences, recommended
+        describe_optimizer(optimizer),
+        not sentences,
+        sentences,
+        recommended,
+        owners.groups(model),
     )
 
 
@@ -202,14 +266,27 @@ class _Owners:
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
         self.map = None
+        # A MultiOptimizer that selects with a function: its group
+        # optimizers (known once built), any of which may update a layer.
+        self.selected_by_function: list[Any] | None = None
         if isinstance(optimizer, keras.optimizers.MultiOptimizer):
             config = optimizer.get_config()["optimizer_map"]
             # The public config holds the map (variable path regex ->
             # optimizer) when it is an OptimizerMap rather than a function.
             if isinstance(config, dict) and config.get("class_name") == "OptimizerMap":
                 self.map = keras.saving.deserialize_keras_object(config)
+            else:
+                self.selected_by_function = list(optimizer.optimizers)
+
+    @property
+    def unreadable(self) -> bool:
+        """A MultiOptimizer whose groups are not known: a function selects
+        them, and it is not built."""
+        return self.selected_by_function == []
 
     def of(self, layer: Any) -> list[Any]:
+        if self.selected_by_function is not None:
+            return self.selected_by_function
         if self.map is None:
             return [self.optimizer]
         if layer is None:  # no model: every group
@@ -232,7 +309,34 @@ class _Owners:
 
     @property
     def in_multi(self) -> bool:
-        return self.map is not None
+        return self.map is not None or self.selected_by_function is not None
+
+    def groups(self, model: Any) -> list[OptimizerGroup]:
+        """The MultiOptimizer's groups, default last, with the model's
+        variables that each updates; empty for another optimizer, or for one
+        whose groups a function selects."""
+        if self.map is None:
+            return []
+        owners = [*self.map.values(), self.map.default_optimizer]
+        variables: dict[int, list[str]] = {id(owner): [] for owner in owners}
+        if model is not None:
+            for variable in model.trainable_variables:
+                variables[id(self.map[variable.path])].append(variable.path)
+        found = {id(owner): owner for owner in owners}.values()
+        return [
+            OptimizerGroup(
+                name=owner.name,
+                optimizer=describe_optimizer(owner),
+                multiplier=self.factor(owner)
+                if type(owner) is type(self.map.default_optimizer)
+                else math.nan,
+                learning_rate=_number(owner.learning_rate),
+                weight_decay=owner.weight_decay,
+                variables=tuple(variables[id(owner)]),
+                default=owner is self.map.default_optimizer,
+            )
+            for owner in found
+        ]
 
     def factor(self, owner: Any) -> float:
         """The group's learning rate over the default group's, now: the
@@ -242,10 +346,7 @@ class _Owners:
         # Groups of another class are other optimizers, not a multiplier.
         if default is None or owner is default or type(owner) is not type(default):
             return 1.0
-        rate, base = (
-            float(keras.ops.convert_to_numpy(group.learning_rate))
-            for group in (owner, default)
-        )
+        rate, base = (_number(group.learning_rate) for group in (owner, default))
         return float(f"{rate / base:.6g}") if base else math.nan
 
     def label(self, owner: Any) -> str:
@@ -253,6 +354,12 @@ class _Owners:
         if owner is self.optimizer:
             return name
         return f"{name} (in the MultiOptimizer, group {owner.name!r})"
+
+
+def _number(value: Any) -> float:
+    """A learning rate (a variable, or a schedule's current value) as a
+    float, rounded as the float32 it is stored in prints."""
+    return float(f"{float(keras.ops.convert_to_numpy(value)):.7g}")
 
 
 def _scaled_layers(model: Any, graph: Graph | None) -> Iterator[_Scaled]:
@@ -479,8 +586,10 @@ def _message(optimizer: Any, model: Any, graph: Graph | None) -> str | None:
     report = _report(optimizer, model, graph)
     if report.ok:
         return None
+    # The problems alone: the groups, one line each, are check_optimizer's.
+    problems = dataclasses.replace(report, groups=[])
     return (
-        f"{report}\nstopgrad_lr.check_optimizer(optimizer, model) repeats this "
+        f"{problems}\nstopgrad_lr.check_optimizer(optimizer, model) repeats this "
         f"report; warnings.filterwarnings('ignore', "
         f"category=stopgrad_lr.OptimizerMismatchWarning) silences it."
     )

@@ -32,7 +32,11 @@ class GradientScale(keras.layers.Layer):
     autocast, so assigning `layer.scale = value` takes effect at the next
     training step of an already compiled and traced model, without
     retracing. The layer does not cast its input: it returns the same dtype
-    it receives, whatever the dtype policy.
+    it receives, whatever the dtype policy. That variable is one of the
+    model's (non-trainable) weights: `model.set_weights` or `load_weights`
+    from a snapshot taken before an assignment puts the old scale back, so
+    assign the scale again after restoring weights (see "The scale is one
+    of the model's weights" in docs/how-it-works.md).
 
     On the JAX backend, `fit` carries the variables outside the model during
     an epoch; a callback that changes the scale must reach the layer through

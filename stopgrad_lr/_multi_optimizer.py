@@ -194,6 +194,11 @@ def multi_optimizer(
     variables it excludes go to groups with no weight decay, which survives
     a `.keras` round trip (Keras's own exclusions do not).
 
+    `print(stopgrad_lr.check_optimizer(optimizer, model))` lists the groups:
+    which variable went to which group, at what learning-rate multiplier and
+    weight decay (`check_optimizer(...).groups` holds them as
+    `stopgrad_lr.OptimizerGroup`s).
+
     Each group optimizer has a learning rate of its own (a variable, or a
     schedule), reachable as `optimizer.optimizers`; Keras's
     `LearningRateScheduler` and `ReduceLROnPlateau` set each of them, so a
@@ -239,6 +244,7 @@ def multi_optimizer(
 
     Examples:
         >>> import keras
+        >>> import stopgrad_lr
         >>> from stopgrad_lr import multi_optimizer
         >>> inputs = keras.Input((4,))
         >>> hidden = keras.layers.Dense(8, name="backbone")(inputs)
@@ -251,6 +257,12 @@ def multi_optimizer(
         ... )
         [0.0001, 0.001]
         >>> model.compile(optimizer=optimizer, loss="mse")
+        >>> for group in stopgrad_lr.check_optimizer(optimizer, model).groups:
+        ...     print(group)
+        'adam_x0.1' (Adam): multiplier 0.1, learning rate 0.0001:
+            backbone/kernel, backbone/bias
+        'adam' (Adam, the default group): multiplier 1, learning rate 0.001:
+            head/kernel, head/bias
 
         The kernel and the bias of one layer apart, no decay on biases:
 

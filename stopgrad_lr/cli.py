@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import signal
@@ -57,6 +58,18 @@ REWRITE_KINDS = ("scale", "multiplier", "decay")
 # stopgrad_lr._rewrite.ON_BYPASS, repeated so that building the parser does
 # not import Keras (a test checks that the two agree).
 ON_BYPASS = ("error", "warn", "ignore")
+# stopgrad_lr._rewrite.MECHANISMS, repeated for the same reason.
+MECHANISMS = ("auto", "gradient_scale", "reparametrize")
+# Keras's backends, and what to install for each (KERAS_BACKEND names one).
+BACKEND_INSTALLS = {
+    "tensorflow": "pip install 'stopgrad-lr[tensorflow]'",
+    "jax": "pip install jax",
+    "torch": "pip install torch",
+    "numpy": "nothing: NumPy comes with Keras (inference only, it cannot train)",
+    "openvino": "pip install openvino (inference only, it cannot train)",
+}
+# The longest file name that Linux, macOS and Windows file systems allow.
+NAME_MAX = 255
 # Error messages from Keras can hold a whole model config; one line of the
 # command's output keeps this many characters of them.
 MESSAGE_LIMIT = 300
@@ -261,6 +274,14 @@ def _parser() -> argparse.ArgumentParser:
         "that is a learning-rate multiplier for it, gradient scales or "
         "reparametrisation (apply_lr_multipliers(optimizer=...))",
     )
+    rewrite.add_argument(
+        "--mechanism",
+        choices=MECHANISMS,
+        help="with --multiplier, how the multipliers are given: auto (default: "
+        "gradient scales, or with --optimizer what is a multiplier for it), "
+        "gradient_scale, or reparametrize (needs --optimizer) "
+        "(apply_lr_multipliers(mechanism=...))",
+    )
     _add_output_options(rewrite)
     rewrite.set_defaults(handler=_rewrite)
 
@@ -375,11 +396,23 @@ def _rewrite(args: argparse.Namespace) -> int:
             "--optimizer applies to --multiplier only: --scale and --decay insert "
             "gradient scales whatever the optimizer"
         )
+    if args.mechanism is not None and kind != "multiplier":
+        raise CommandError(
+            "--mechanism applies to --multiplier only: --scale and --decay insert "
+            "gradient scales"
+        )
+    if args.mechanism == "reparametrize" and args.optimizer is None:
+        raise CommandError(
+            "--mechanism reparametrize needs --optimizer NAME: the output scale "
+            "depends on the optimizer you will train with (c = m for Adam-like "
+            "optimizers, c = sqrt(m) for SGD)"
+        )
     factors = sorted(set(patterns.values()))
     if kind == "decay" and len(factors) > 1:
         raise CommandError(
-            f"--decay takes one factor D for all its patterns (the block i "
-            f"boundaries below the head trains at D**i times the base rate); "
+            f"--decay takes one factor D for all its patterns (a block with i "
+            f"boundaries between it and the head trains at D**i times the base "
+            f"rate); "
             f"received {factors}. Use --scale for different scales."
         )
     target = _check_output(args.input, args.output, args.force)
@@ -414,7 +447,11 @@ def _rewritten(
     if kind == "multiplier":
         optimizer = None if args.optimizer is None else _optimizer(args.optimizer)
         return apply_lr_multipliers(
-            model, patterns, optimizer=optimizer, stop_at_zero=args.stop_at_zero
+            model,
+            patterns,
+            optimizer=optimizer,
+            mechanism=args.mechanism or "auto",
+            stop_at_zero=args.stop_at_zero,
         )
     (decay,) = set(patterns.values())
     boundaries = list(patterns)
@@ -488,12 +525,20 @@ def _check_output(source: str, output: str, force: bool) -> str:
     _check_input(source)
     if not output.endswith(".keras"):
         raise CommandError(f"{output}: the output must end with .keras")
-    target = os.path.realpath(output)
+    broken_link = os.path.islink(output) and not os.path.exists(output)
+    # A link that leads nowhere (dangling, or a loop) is itself what
+    # --force replaces; any other link is followed.
+    target = os.path.abspath(output) if broken_link else os.path.realpath(output)
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise CommandError(f"{output}: no such directory")
     if os.path.isdir(target):
         raise CommandError(f"{output} is a directory")
+    if broken_link and not force:
+        raise CommandError(
+            f"{output} exists, as a symbolic link that leads to no file (it "
+            f"dangles or loops); pass --force to replace the link with the file"
+        )
     if os.path.exists(target) and not force:
         if os.path.samefile(source, target):
             raise CommandError(
@@ -586,11 +631,12 @@ def _save_atomically(model: keras.Model, target: str, output: str, force: bool) 
         if os.path.exists(target)
         else 0o666 & ~_umask()
     )
+    _check_serializable(model)
     temporary = None
     try:
         # Keras saves only to names that end with .keras.
         descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{os.path.basename(target)}.",
+            prefix=_temporary_prefix(os.path.basename(target)),
             suffix=".keras",
             dir=os.path.dirname(target),
         )
@@ -615,6 +661,60 @@ def _save_atomically(model: keras.Model, target: str, output: str, force: bool) 
         if temporary is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(temporary)
+
+
+def _temporary_prefix(name: str) -> str:
+    """`.NAME.`, the start of the hidden temporary file's name beside NAME,
+    shortened (its start and a hash of it) where the temporary name would be
+    longer than a file name may be: a legal NAME must still be writable."""
+    prefix = f".{name}."
+    # mkstemp adds 8 random characters, then the suffix.
+    room = NAME_MAX - len(".keras") - 8
+    if len(prefix.encode()) <= room:
+        return prefix
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    start = name.encode()[: room - len(digest) - 3].decode(errors="ignore")
+    return f".{start}~{digest}."
+
+
+def _check_serializable(model: keras.Model) -> None:
+    """Refuses, before writing, a model whose file could not be read back:
+    Keras saves a rewritten model as a plain functional model, each layer by
+    its `get_config`, and loads it with its class's `from_config`. Keras's
+    own layers and this package's rebuild; some third-party ones (keras-hub
+    decoders and encoders such as Llama3's, DeiT's, Qwen3's) do so only
+    inside their own Backbone, whose `get_config` replaces theirs."""
+    for path, layer in _own_and_nested_layers(model):
+        if type(layer).__module__.split(".")[0] in ("keras", "stopgrad_lr"):
+            continue
+        try:
+            type(layer).from_config(layer.get_config())
+        except Exception as error:
+            package = type(layer).__module__.split(".")[0]
+            raise CommandError(
+                f"cannot write the model: its layer '{path}' "
+                f"({package}.{type(layer).__name__}) cannot be rebuilt from a "
+                f"file ({type(error).__name__}: {_shortened(error)}). The "
+                f"written file would be a plain keras.Model that saves this "
+                f"layer by its own get_config and rebuilds it with its own "
+                f"from_config, which this class does not support: a limitation "
+                f"of {package}, whose model classes save such layers only "
+                f"inside themselves. Rewrite the model in Python and keep it in "
+                f"memory, or save only its weights."
+            ) from None
+
+
+def _own_and_nested_layers(model: keras.Model) -> Iterator[tuple[str, Any]]:
+    """(path, layer) for each layer of the model and of its nested models."""
+    import keras
+
+    for layer in model.layers:
+        yield layer.name, layer
+        if isinstance(layer, keras.Model) and type(layer).__module__.startswith(
+            "keras"
+        ):
+            for path, inner in _own_and_nested_layers(layer):
+                yield f"{layer.name}/{path}", inner
 
 
 def _move_without_replacing(source: str, target: str) -> None:
@@ -645,7 +745,60 @@ def _umask() -> int:
 
 def _import_keras(verbose: bool) -> ModuleType:
     """Imports Keras (and so its backend), hiding the backend's start-up log
-    unless `verbose`.
+    unless `verbose`; a backend that is not installed is bad input, which
+    says what to install or set."""
+    if "keras" in sys.modules:
+        import keras
+
+        return keras
+    try:
+        return _import_keras_quietly(verbose)
+    except (ModuleNotFoundError, ValueError) as error:
+        message = _backend_error(error)
+        if message is None:
+            raise
+        raise CommandError(message) from None
+
+
+def _backend_error(error: Exception) -> str | None:
+    """What to install or set when Keras's backend does not import; None
+    for an error that is not that."""
+    chosen = os.environ.get("KERAS_BACKEND")
+    known = ", ".join(BACKEND_INSTALLS)
+    if isinstance(error, ValueError):
+        unknown = re.search(r"Unable to import backend\s*:\s*(\S+)", str(error))
+        if unknown is None:
+            return None
+        return (
+            f"Keras has no backend {unknown.group(1)!r} (KERAS_BACKEND="
+            f"{chosen!r}, or the 'backend' of ~/.keras/keras.json): set "
+            f"KERAS_BACKEND to one of {known}"
+        )
+    missing = (getattr(error, "name", None) or "").split(".")[0]
+    if missing == "keras":
+        return "Keras is not installed: pip install stopgrad-lr installs it"
+    backend = chosen or (missing if missing in BACKEND_INSTALLS else "tensorflow")
+    source = (
+        f"KERAS_BACKEND={chosen}"
+        if chosen
+        else f"KERAS_BACKEND is unset, so Keras uses {backend} (its default, "
+        f"unless ~/.keras/keras.json names another)"
+    )
+    install = BACKEND_INSTALLS.get(backend, f"pip install {missing}")
+    what = (
+        "which is not installed"
+        if missing == backend
+        else f"which failed to import: no module named {missing!r}"
+    )
+    return (
+        f"Keras cannot start its backend: {source}, {what}. Install it "
+        f"({install}), or set KERAS_BACKEND to a backend you have installed "
+        f"(one of {known})"
+    )
+
+
+def _import_keras_quietly(verbose: bool) -> ModuleType:
+    """Imports Keras, hiding the backend's start-up log unless `verbose`.
 
     TensorFlow's C++ runtime writes its start-up lines (oneDNN, CUDA, CPU
     features) straight to file descriptor 2, some of them even with
@@ -654,7 +807,7 @@ def _import_keras(verbose: bool) -> ModuleType:
     operation, and back to the terminal after. If that fails, what was
     written there is real news and is passed on before the error.
     """
-    if "keras" in sys.modules or verbose:
+    if verbose:
         import keras
 
         return keras
@@ -692,10 +845,62 @@ def _library_errors() -> Iterator[None]:
         try:
             yield
         except ValueError as error:
-            raise CommandError(str(error)) from None
+            raise CommandError(in_command_terms(str(error))) from None
         finally:
             for warning in caught:
-                print(f"{PROG}: warning: {_one_line(warning.message)}", file=sys.stderr)
+                text = in_command_terms(str(warning.message))
+                print(f"{PROG}: warning: {_one_line(text)}", file=sys.stderr)
+
+
+# The library's messages name its Python arguments; each is said here as the
+# command's flag, or as the Python that the command has no flag for.
+_COMMAND_TERMS = [
+    # A ParameterScale that strip cannot fold.
+    (
+        r"apply_lr_multipliers\(\.\.\., mechanism='reparametrize'\)",
+        f"`{PROG} rewrite --multiplier ... --mechanism reparametrize`",
+    ),
+    # Fixes that OptimizerMismatchWarning suggests.
+    (
+        r"`stopgrad_lr\.apply_lr_multipliers\(model, multipliers, optimizer=\.\.\.\)`"
+        r" with mechanism='reparametrize'",
+        "--optimizer NAME --mechanism reparametrize",
+    ),
+    (
+        r"`stopgrad_lr\.apply_lr_multipliers\(model, multipliers, optimizer=\.\.\.\)`",
+        "--optimizer NAME (with the default --mechanism auto)",
+    ),
+    (
+        r"`stopgrad_lr\.gradient_cuts\(model\)` lists them",
+        f"the Cut column of `{PROG} inspect` lists them",
+    ),
+    (r"on_bypass='(\w+)' or '(\w+)'", r"--on-bypass \1 or --on-bypass \2"),
+    (r"on_bypass='(\w+)'", r"--on-bypass \1"),
+    (r"mechanism='(\w+)' or '(\w+)'", r"--mechanism \1 or --mechanism \2"),
+    (r"mechanism='(\w+)'", r"--mechanism \1"),
+    (r"stop_at_zero=False", "--no-stop-at-zero"),
+    (
+        r"`stopgrad_lr\.apply_lr_multipliers\(stopgrad_lr\.strip_gradient_scales"
+        r"\(model\), \.\.\.\)`",
+        f"`{PROG} strip IN.keras PLAIN.keras`, then rewrite PLAIN.keras",
+    ),
+    (r"`stopgrad_lr\.strip_gradient_scales(?:\(model\))?`", f"`{PROG} strip`"),
+    (
+        r"`stopgrad_lr\.multi_optimizer\(model, multipliers, optimizer\)`",
+        "`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)` in Python "
+        "(an optimizer, which this command does not write)",
+    ),
+    # The end of an OptimizerMismatchWarning: how to repeat or silence it.
+    (r"\s*stopgrad_lr\.check_optimizer\(optimizer, model\) repeats this.*$", ""),
+]
+
+
+def in_command_terms(message: str) -> str:
+    """A library message with its Python arguments said as this command's
+    flags."""
+    for pattern, replacement in _COMMAND_TERMS:
+        message = re.sub(pattern, replacement, message, flags=re.DOTALL)
+    return message
 
 
 def _count_own_layers(model: keras.Model) -> int:

@@ -101,6 +101,16 @@ def assert_error(result, *fragments, status=2):
     for fragment in fragments:
         assert fragment in line
     assert "Traceback" not in out + err
+    assert_command_terms(line)
+
+
+# Python argument syntax, which the command's messages must say as flags.
+PYTHON_ARGUMENT = re.compile(r"\b(on_bypass|mechanism|stop_at_zero|optimizer)=")
+
+
+def assert_command_terms(line):
+    assert not PYTHON_ARGUMENT.search(line), line
+    assert "check_optimizer(optimizer, model)" not in line, line
 
 
 def digest(path):
@@ -263,13 +273,19 @@ def test_a_zero_scale_is_a_stop_unless_asked(files, tmp_path, capsys, flags, kin
 def test_on_bypass_error_warn_ignore(files, tmp_path, capsys):
     argv = ["rewrite", files.residual, tmp_path / "out.keras"]
     argv += ["--scale", "block1_conv1=0.1"]
-    assert_error(run(capsys, *argv), "'block1_conv1' is bypassed along")
+    assert_error(
+        run(capsys, *argv),
+        "'block1_conv1' is bypassed along",
+        "pass --on-bypass warn or --on-bypass ignore",
+        "the Cut column of `stopgrad-lr inspect` lists them",
+    )
     assert not (tmp_path / "out.keras").exists()
 
     status, out, err = run(capsys, *argv, "--on-bypass", "warn")
     assert status == 0
     (line,) = err.splitlines()
     assert line.startswith("stopgrad-lr: warning: ") and "bypassed" in line
+    assert_command_terms(line)
     assert "mixed: 0.1, 1" in out
 
     status, _, err = run(capsys, *argv, "--on-bypass", "ignore", "--force")
@@ -319,6 +335,51 @@ def test_existing_output_or_the_input_itself_needs_force(files, tmp_path, capsys
     )
     assert status == 0 and link.is_symlink()
     assert effective_multipliers(load(source))["block1"] == 0.5
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_link_that_leads_nowhere_is_refused_before_loading(
+    files, tmp_path, capsys, monkeypatch, kind
+):
+    output = tmp_path / "out.keras"
+    output.symlink_to(output if kind == "loop" else tmp_path / "gone.keras")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(keras.saving, "load_model", never)
+        for argv in (["strip"], ["rewrite", "--scale", "block1=0.5"]):
+            result = run(capsys, argv[0], files.mlp, output, *argv[1:])
+            assert_error(result, f"{output} exists", "symbolic link", "--force")
+    assert sorted(os.listdir(tmp_path)) == ["out.keras"] and output.is_symlink()
+    # --force replaces the link itself with the file.
+    assert run(capsys, "strip", files.mlp, output, "--force")[0] == 0
+    assert not output.is_symlink() and load(output).layers[-1].name == "head"
+    assert sorted(os.listdir(tmp_path)) == ["out.keras"]
+
+
+def test_a_250_character_output_name(files, tmp_path, capsys, monkeypatch):
+    output = tmp_path / ("m" * (250 - len(".keras")) + ".keras")
+    assert len(output.name) == 250
+    made = []
+    real_mkstemp = cli.tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        descriptor, path = real_mkstemp(*args, **kwargs)
+        made.append(Path(path))
+        return descriptor, path
+
+    monkeypatch.setattr(cli.tempfile, "mkstemp", mkstemp)
+    status, _, err = run(capsys, "rewrite", files.mlp, output, "--scale", "block1=0.5")
+    assert (status, err) == (0, "")
+    (temporary,) = made
+    assert temporary.parent == tmp_path and temporary.name.startswith(".mmm")
+    assert len(temporary.name) <= 255
+    assert os.listdir(tmp_path) == [output.name]
+    assert effective_multipliers(load(output))["block1"] == 0.5
+    # A short name keeps its plain temporary name.
+    assert cli._temporary_prefix("out.keras") == ".out.keras."
 
 
 def test_new_output_gets_the_usual_permissions(files, tmp_path, capsys):
@@ -473,8 +534,17 @@ def bad_input_cases(files, tmp_path):
         ),
         (
             [*rewrite, "--multiplier", "stem_*=0.1", "--optimizer", "adamw"],
-            "multi_optimizer",
+            "pass --mechanism gradient_scale or --mechanism reparametrize to accept",
         ),
+        (
+            [*rewrite, "--multiplier", "stem_*=0.1", "--optimizer", "adamw"],
+            "multi_optimizer(model, multipliers, optimizer)` in Python",
+        ),
+        (
+            [*rewrite, "--multiplier", "stem_*=0.1", "--mechanism", "reparametrize"],
+            "--mechanism reparametrize needs --optimizer NAME",
+        ),
+        ([*rewrite, "--scale", "a=1", "--mechanism", "auto"], "--multiplier only"),
         ([*rewrite, "--decay", "a=0.5", "--no-stop-at-zero"], "--no-stop-at-zero"),
         ([*rewrite, "--scale", "a=1", "--on-bypass", "maybe"], "invalid choice"),
         ([], "the following arguments are required: COMMAND"),
@@ -566,10 +636,62 @@ def test_the_docs_describe_every_command_and_option(capsys):
             assert f"stopgrad-lr {name}" in page
 
 
-def test_the_on_bypass_choices_are_the_librarys():
-    from stopgrad_lr._rewrite import ON_BYPASS
+def test_the_on_bypass_and_mechanism_choices_are_the_librarys():
+    from stopgrad_lr._rewrite import MECHANISMS, ON_BYPASS
 
     assert cli.ON_BYPASS == ON_BYPASS
+    assert cli.MECHANISMS == MECHANISMS
+
+
+@pytest.mark.parametrize("mechanism", ["gradient_scale", "reparametrize"])
+def test_mechanism_accepts_what_auto_refuses(files, tmp_path, capsys, mechanism):
+    # AdamW's weight decay: "auto" refuses, an explicit mechanism writes the
+    # file and warns what the decay does, in the command's own terms.
+    output = tmp_path / "out.keras"
+    argv = ["rewrite", files.mlp, output, "--multiplier", "block1=0.25"]
+    status, _, err = run(
+        capsys, *argv, "--optimizer", "adamw", "--mechanism", mechanism
+    )
+    assert status == 0, err
+    (line,) = err.splitlines()
+    assert line.startswith("stopgrad-lr: warning: AdamW does not give")
+    assert "weight_decay" in line
+    assert_command_terms(line)
+    rewritten = load(output)
+    kinds = {type(layer).__name__ for layer in rewritten.layers}
+    expected = "ParameterScale" if mechanism == "reparametrize" else "GradientScale"
+    assert expected in kinds
+
+
+def test_library_messages_in_command_terms():
+    # Each library message the command can print, as the library says it.
+    messages = {
+        "or pass on_bypass='warn' or 'ignore' to insert it anyway.": (
+            "or pass --on-bypass warn or --on-bypass ignore to insert it anyway."
+        ),
+        "or pass mechanism='gradient_scale' to accept": (
+            "or pass --mechanism gradient_scale to accept"
+        ),
+        "or pass stop_at_zero=False for a GradientScale(0.0)": (
+            "or pass --no-stop-at-zero for a GradientScale(0.0)"
+        ),
+        "as apply_lr_multipliers(..., mechanism='reparametrize') puts it.": (
+            "as `stopgrad-lr rewrite --multiplier ... --mechanism reparametrize` "
+            "puts it."
+        ),
+        "Fix: `stopgrad_lr.apply_lr_multipliers(model, multipliers, optimizer=...)` "
+        "with mechanism='reparametrize' rewrites": (
+            "Fix: --optimizer NAME --mechanism reparametrize rewrites"
+        ),
+        "fold the scales back with `stopgrad_lr.strip_gradient_scales(model)`, then": (
+            "fold the scales back with `stopgrad-lr strip`, then"
+        ),
+        "report:\n- a problem.\nstopgrad_lr.check_optimizer(optimizer, model) "
+        "repeats this report; warnings.filterwarnings('ignore', category=stopgrad_lr."
+        "OptimizerMismatchWarning) silences it.": "report:\n- a problem.",
+    }
+    for library, command in messages.items():
+        assert cli.in_command_terms(library) == command
 
 
 def test_a_model_that_already_holds_stopgrad_lr_layers(files, tmp_path, capsys):
@@ -580,7 +702,7 @@ def test_a_model_that_already_holds_stopgrad_lr_layers(files, tmp_path, capsys):
     assert run(capsys, "rewrite", files.mlp, tuned, "--scale", "block1=0.5")[0] == 0
     output = tmp_path / "out.keras"
     result = run(capsys, "rewrite", tuned, output, "--multiplier", "block1=0.1")
-    assert_error(result, "already holds", "strip_gradient_scales", status=2)
+    assert_error(result, "already holds", "`stopgrad-lr strip IN.keras", status=2)
     assert not output.exists()
 
 
@@ -618,6 +740,32 @@ def test_keras_hub_backbone_files(tmp_path, capsys):
     assert not scale_layers(load(plain))
 
 
+def test_a_keras_hub_layer_that_cannot_be_rebuilt_is_bad_input(tmp_path, capsys):
+    # DeiT's backbone saves and loads, but its layers' get_config fails
+    # outside it, as Llama3's, Qwen3's... do or their from_config: a written
+    # file could not be read back.
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.DeiTBackbone(
+        image_shape=(16, 16, 3),
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+    )
+    source, output = tmp_path / "deit.keras", tmp_path / "out.keras"
+    backbone.save(source)
+    for argv in (["strip"], ["rewrite", "--scale", "deit_encoder=0.5"]):
+        result = run(capsys, argv[0], source, output, *argv[1:])
+        assert_error(
+            result,
+            "cannot write the model: its layer 'deit_patching_and_embedding' "
+            "(keras_hub.DeiTEmbeddings) cannot be rebuilt from a file",
+            "a limitation of keras_hub",
+        )
+        assert sorted(os.listdir(tmp_path)) == ["deit.keras"]
+
+
 # Start-up: --help without Keras; real errors still shown
 
 
@@ -649,9 +797,66 @@ def test_help_and_argument_errors_import_neither_keras_nor_tensorflow(argv, stat
     assert not packages & {"keras", "tensorflow", "jax", "torch", "numpy"}
 
 
-def test_a_backend_that_fails_to_start_is_reported(files):
+def test_a_backend_that_does_not_exist_is_bad_input(files):
     result = run_command("inspect", files.mlp, env={"KERAS_BACKEND": "no_such"})
-    assert_one_error_line(result, "unexpected ValueError", "no_such", status=1)
+    assert_one_error_line(
+        result,
+        "Keras has no backend 'no_such'",
+        "set KERAS_BACKEND to one of tensorflow, jax, torch",
+    )
+
+
+# Makes `import tensorflow` fail as it does where TensorFlow is not installed.
+WITHOUT_TENSORFLOW = """
+import sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+@pytest.mark.parametrize("command", ["inspect", "rewrite", "strip"])
+def test_a_backend_that_is_not_installed_says_what_to_install(files, tmp_path, command):
+    (tmp_path / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW)
+    environment = {
+        key: value for key, value in os.environ.items() if key != "KERAS_BACKEND"
+    }
+    argv = {
+        "inspect": [files.mlp],
+        "rewrite": [files.mlp, tmp_path / "out.keras", "--scale", "block1=0.5"],
+        "strip": [files.mlp, tmp_path / "out.keras"],
+    }[command]
+    result = subprocess.run(
+        [sys.executable, "-m", "stopgrad_lr", command, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**environment, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        timeout=300,
+    )
+    assert_one_error_line(
+        result,
+        "KERAS_BACKEND is unset, so Keras uses tensorflow",
+        "which is not installed",
+        "pip install 'stopgrad-lr[tensorflow]'",
+        "or set KERAS_BACKEND to a backend you have installed",
+    )
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_named_backend_that_is_not_installed(monkeypatch):
+    # jax and torch are installed here: the message of a missing one, as the
+    # import would raise it.
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    message = cli._backend_error(
+        ModuleNotFoundError("No module named 'jax'", name="jax")
+    )
+    assert message.startswith("Keras cannot start its backend: KERAS_BACKEND=jax, ")
+    assert "which is not installed. Install it (pip install jax)" in message
 
 
 def test_an_unwritable_folder_is_one_line_and_status_1(files, tmp_path):

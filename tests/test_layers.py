@@ -263,3 +263,16 @@ def test_setters_validate_and_keep_the_old_value():
 def test_unknown_method_raises():
     with pytest.raises(ValueError, match="Received: method='custom'"):
         GradientScale(0.5, method="custom")
+
+
+def test_the_scale_is_a_weight_that_an_older_snapshot_restores():
+    # Documented in docs/how-it-works.md: set_weights from weights taken
+    # before an assignment undoes it.
+    inputs = keras.Input((3,))
+    scale = GradientScale(0.1, name="boundary")
+    model = keras.Model(inputs, keras.layers.Dense(2)(scale(inputs)))
+    snapshot = model.get_weights()
+    assert [w for w in snapshot if np.ndim(w) == 0] == [np.float32(0.1)]
+    scale.scale = 0.5
+    model.set_weights(snapshot)
+    assert scale.scale == 0.1
