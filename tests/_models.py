@@ -124,17 +124,52 @@ def masked_lstm():
     return keras.Model(tokens, outputs, name="masked"), data.astype("int32")
 
 
-def bert_backbone(num_layers=2):
-    """A keras-hub BERT of tiny dimensions, built without weights."""
+# keras-hub backbones of tiny dimensions, built without weights. Pass
+# dropout=0.0 where two runs must compute the same network.
+TINY_TRANSFORMER = {
+    "vocabulary_size": 100,
+    "num_heads": 2,
+    "hidden_dim": 16,
+    "intermediate_dim": 32,
+    "max_sequence_length": 16,
+}
+
+
+def bert_backbone(num_layers=2, **kwargs):
     import keras_hub
 
     return keras_hub.models.BertBackbone(
+        num_layers=num_layers, **{**TINY_TRANSFORMER, **kwargs}
+    )
+
+
+def gpt2_backbone(num_layers=2, **kwargs):
+    import keras_hub
+
+    return keras_hub.models.GPT2Backbone(
+        num_layers=num_layers, **{**TINY_TRANSFORMER, **kwargs}
+    )
+
+
+def roberta_backbone(num_layers=2, **kwargs):
+    import keras_hub
+
+    return keras_hub.models.RobertaBackbone(
+        num_layers=num_layers, **{**TINY_TRANSFORMER, **kwargs}
+    )
+
+
+def gemma_backbone(num_layers=2):
+    import keras_hub
+
+    return keras_hub.models.GemmaBackbone(
         vocabulary_size=100,
         num_layers=num_layers,
-        num_heads=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
         hidden_dim=16,
         intermediate_dim=32,
-        max_sequence_length=16,
+        head_dim=8,
     )
 
 

@@ -125,17 +125,7 @@ def _bert():
 
 
 def _gpt2():
-    import keras_hub
-
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-    )
-    return _with_head(backbone), None, "transformer_layer_0"
+    return _with_head(_models.gpt2_backbone()), None, "transformer_layer_0"
 
 
 MODELS = {

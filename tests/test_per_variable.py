@@ -147,17 +147,7 @@ def _tokens(model, batch=4):
 
 
 def _gemma(lora):
-    import keras_hub
-
-    backbone = keras_hub.models.GemmaBackbone(
-        vocabulary_size=100,
-        num_layers=3,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    )
+    backbone = _models.gemma_backbone(num_layers=3)
     if lora:
         backbone.enable_lora(2)
         # LoRA starts B at zero, so that A gets no gradient in a first step:
@@ -171,31 +161,11 @@ def _gemma(lora):
 # Dropout off: each step would draw other masks, and the measured ratio
 # would be that of two different networks.
 def _bert():
-    import keras_hub
-
-    return keras_hub.models.BertBackbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-        dropout=0.0,
-    )
+    return _models.bert_backbone(dropout=0.0)
 
 
 def _gpt2():
-    import keras_hub
-
-    return keras_hub.models.GPT2Backbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-        dropout=0.0,
-    )
+    return _models.gpt2_backbone(dropout=0.0)
 
 
 def _images(size):
@@ -388,16 +358,10 @@ def test_keras_hub_tasks_train_on_a_rewritten_backbone():
     assert reported["decoder_block_0/attention/query/lora_kernel_a"] == 0.125
     gpt2 = layerwise_decay(_gpt2(), "transformer_layer_*", 0.5, copy=True)
     keras_hub.models.GPT2CausalLM(backbone=gpt2, preprocessor=None)
-    roberta = keras_hub.models.RobertaBackbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-        max_sequence_length=16,
-    )
     keras_hub.models.RobertaTextClassifier(
-        backbone=layerwise_decay(roberta, "transformer_layer_*", 0.5),
+        backbone=layerwise_decay(
+            _models.roberta_backbone(), "transformer_layer_*", 0.5
+        ),
         num_classes=2,
         preprocessor=None,
     )

@@ -14,23 +14,11 @@ import keras_hub
 import numpy as np
 import pytest
 from _backend import BACKEND, forward, relative_error, weight_gradients
-from _models import bert_backbone, bert_inputs
+from _models import bert_backbone, bert_inputs, gemma_backbone
 
 import stopgrad_lr
 
 RNG = np.random.default_rng(0)
-
-
-def gemma_backbone():
-    return keras_hub.models.GemmaBackbone(
-        vocabulary_size=100,
-        num_layers=2,
-        num_query_heads=2,
-        num_key_value_heads=1,
-        hidden_dim=16,
-        intermediate_dim=32,
-        head_dim=8,
-    )
 
 
 def gemma_inputs(batch=3, length=8):
