@@ -44,6 +44,23 @@ def distribution(kind):
     )
 
 
+def broad_layout_map_scales():
+    """The layouts of the scales `layerwise_decay` adds under a layout map
+    with a rule that also matches their paths (`decoder_block.*scale`, meant
+    for the norms' scales)."""
+    devices = keras.distribution.list_devices()
+    mesh = keras.distribution.DeviceMesh(MESH_SHAPE, ("batch", "model"), devices)
+    layout_map = keras_hub.models.GemmaBackbone.get_layout_map(mesh)
+    layout_map["decoder_block.*scale"] = ("model",)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
+    with distribution.scope():
+        model = backbone(False)
+        new = stopgrad_lr.layerwise_decay(model, "decoder_block_*", 0.5)
+    return {v.path: sharding(v) for v in new.weights if "scale" in v.path}
+
+
 def backbone(lora):
     keras.utils.set_random_seed(0)
     model = keras_hub.models.GemmaBackbone(
@@ -101,12 +118,6 @@ def rewrite(case, model):
         optimizer = stopgrad_lr.multi_optimizer(
             model, multipliers, keras.optimizers.AdamW(1e-3, weight_decay=0.01)
         )
-        return model, optimizer, ()
-    if case == "decay_multi":
-        multipliers = stopgrad_lr.layerwise_decay_multipliers(
-            model, "decoder_block_*", 0.5
-        )
-        optimizer = stopgrad_lr.multi_optimizer(model, multipliers, sgd)
         return model, optimizer, ()
     if case == "freeze":
         new = stopgrad_lr.insert_gradient_scales(model, {"decoder_block_0": 0.0})
@@ -209,11 +220,11 @@ CASES = [
     for lora in (False, True)
     for case in ("decay", "lora_plus", "freeze", "reparametrize")
 ] + [
-    ("decay_multi", False, "model"),
     ("lr_finder", False, "model"),
     ("decay_copy", False, "model"),
     ("decay_outside_scope", False, "model"),
     ("decay", True, "data"),
+    ("broad_layout_map", False, "model"),
 ]
 
 
@@ -223,6 +234,10 @@ def main(selected):
         if selected and name not in selected:
             continue
         try:
+            if case == "broad_layout_map":
+                result = {"case": name, "layouts": broad_layout_map_scales()}
+                print(json.dumps(result), flush=True)
+                continue
             if case == "lr_finder":
                 mesh, single = run_lr_finder(lora, kind), run_lr_finder(lora, None)
             else:

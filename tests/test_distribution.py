@@ -27,12 +27,13 @@ CASES = [
     for lora in ("full", "lora")
     for case in ("decay", "lora_plus", "freeze", "reparametrize")
 ] + [
-    "decay_multi-full-model",
     "lr_finder-full-model",
     "decay_copy-full-model",
     "decay_outside_scope-full-model",
     "decay-lora-data",
+    "broad_layout_map-full-model",
 ]
+TRAINED = [c for c in CASES if "outside" not in c and "broad" not in c]
 
 
 @functools.cache
@@ -72,12 +73,12 @@ def test_every_case_ran():
     assert sorted(mesh_results()) == sorted(CASES)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "outside" not in c])
+@pytest.mark.parametrize("case", TRAINED)
 def test_mesh_training_equals_one_device(case):
     assert result(case)["max_relative_difference"] < RTOL
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "outside" not in c])
+@pytest.mark.parametrize("case", TRAINED)
 def test_original_variables_keep_their_sharding_on_every_device(case):
     outcome = result(case)
     assert outcome["changed"] == []
@@ -110,6 +111,30 @@ def test_reparametrised_copies_take_the_layout_map_layout():
         "head/kernel": "(None, None)",
         "head/bias": "(None,)",
     }
+
+
+def test_gradient_scales_stay_replicated_when_a_layout_rule_matches_them():
+    layouts = result("broad_layout_map-full-model")["layouts"]
+    assert layouts["decoder_block_0/pre_ffw_norm/scale"] == "('model',)"
+    assert layouts["decoder_block_0_gradient_scale/scale"] == "()"
+    assert layouts["decoder_block_1_gradient_scale/scale"] == "()"
+
+
+def test_two_processes_equal_one():
+    """Two JAX processes joined by keras.distribution.initialize on
+    127.0.0.1, DataParallel over their 8 devices, against one process."""
+    script = SCRIPT.parent.parent / "benchmarks" / "multi_host.py"
+    run = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    outcome = json.loads(run.stdout.splitlines()[-1])
+    assert outcome["variables"] == 22
+    assert outcome["max_relative_difference"] < RTOL
 
 
 def test_multi_optimizer_adds_no_model_variable():
