@@ -432,7 +432,11 @@ def _check_not_distributed(model: keras.Model) -> None:
     """Raises if the model's variables live on several devices (JAX arrays
     sharded by a `keras.distribution` no longer active)."""
     for variable in model.weights:
-        devices = getattr(getattr(variable.value, "sharding", None), "device_set", ())
+        try:
+            sharding = getattr(variable.value, "sharding", None)
+        except TypeError:  # a JAX variable emptied by `fit` for an epoch
+            continue
+        devices = getattr(sharding, "device_set", ())
         if len(devices) > 1:
             raise ValueError(
                 f"The variables of model '{model.name}' are distributed over "
