@@ -7,6 +7,7 @@ arithmetic costs, in eager mode, in a traced step or in a custom loop.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import keras
@@ -16,6 +17,23 @@ from keras import ops
 from stopgrad_lr._ops import scale_gradient, validate_method
 from stopgrad_lr._optimizer_kinds import SCALE_INVARIANT, validate_update_rule
 from stopgrad_lr._validation import invalid, validate_scale
+
+
+def _replicated() -> contextlib.AbstractContextManager[Any]:
+    """A scope in which a new variable is replicated over the active
+    `keras.distribution.ModelParallel`'s mesh, whatever its layout map says:
+    a pattern meant for the model's weights (`"decoder_block.*scale"`) may
+    match a scale's path (`"decoder_block_0_gradient_scale/scale"`), and a
+    layout for a weight does not fit a scalar. A no-op otherwise
+    (`DataParallel` replicates every variable)."""
+    current = keras.distribution.distribution()
+    if not isinstance(current, keras.distribution.ModelParallel):
+        return contextlib.nullcontext()
+    return keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(current.device_mesh),
+        batch_dim_name=current.batch_dim_name,
+        auto_shard_dataset=False,
+    ).scope()
 
 
 @keras.saving.register_keras_serializable(package="stopgrad_lr")
@@ -94,14 +112,15 @@ class GradientScale(keras.layers.Layer):
         scale = validate_scale(scale)
         self.method = validate_method(method)
         self.supports_masking = True
-        self._scale = self.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(scale),
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name="scale",
-        )
+        with _replicated():
+            self._scale = self.add_weight(
+                shape=(),
+                initializer=keras.initializers.Constant(scale),
+                dtype="float32",
+                trainable=False,
+                autocast=False,
+                name="scale",
+            )
         self._last_set = scale
         self._build_at_init()
 

@@ -411,7 +411,38 @@ def _copied(new_model: keras.Model, original: keras.Model) -> keras.Model:
 
 
 def strategy_scope(model: keras.Model) -> contextlib.AbstractContextManager[Any]:
-    """The model's tf.distribute strategy scope, so new variables are
-    distributed like the model's (TensorFlow only; a no-op elsewhere)."""
+    """The scope in which a rewrite creates the variables it adds, so that
+    they are distributed like the model's.
+
+    On TensorFlow, the model's tf.distribute strategy scope. Elsewhere a
+    no-op: a `keras.distribution` (`DataParallel`, `ModelParallel`) gives
+    each new variable its layout when it is created, so the rewrite must run
+    under it; a model whose variables are spread over several devices while
+    no distribution is active is an error, which says so.
+    """
     strategy = getattr(model, "distribute_strategy", None)
-    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+    if strategy is not None:
+        return strategy.scope()
+    if keras.distribution.distribution() is None:
+        _check_not_distributed(model)
+    return contextlib.nullcontext()
+
+
+def _check_not_distributed(model: keras.Model) -> None:
+    """Raises if the model's variables live on several devices (JAX arrays
+    sharded by a `keras.distribution` no longer active)."""
+    for variable in model.weights:
+        try:
+            sharding = getattr(variable.value, "sharding", None)
+        except TypeError:  # a JAX variable emptied by `fit` for an epoch
+            continue
+        devices = getattr(sharding, "device_set", ())
+        if len(devices) > 1:
+            raise ValueError(
+                f"The variables of model '{model.name}' are distributed over "
+                f"{len(devices)} devices ('{variable.path}' for one), but no "
+                f"keras.distribution is active, so the variables the rewrite "
+                f"adds would sit on one device. Rewrite it under the "
+                f"distribution it was built with: `with distribution.scope():` "
+                f"or `keras.distribution.set_distribution(distribution)`."
+            )
