@@ -618,7 +618,10 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
     replaced by a copy holding the true weights, `c` times the stored ones
     (and its regularizers are rewritten back). The new model saves to a
     `.keras` file that loads in a process that never imports stopgrad_lr
-    (for deployment). The outputs are bit-identical, and so are the folded
+    (for deployment); its outputs are named after the layers that produce
+    them, as in the model a rewrite was made from (a model whose output is
+    itself a scale layer gets its output renamed after the layer before
+    it). The outputs are bit-identical, and so are the folded
     weights when `c` is a power of two (otherwise `c * (W / c)` may differ
     from `W` by one rounding, about one ulp).
 
@@ -653,7 +656,10 @@ def strip_gradient_scales(model: keras.Model, *, copy: bool = False) -> keras.Mo
             replace=baked_layers(graph),
             drop=(*SCALE_LAYERS, ParameterScale),
         )
-        return finish(rebuild.model(model), model, copy)
+        # For deployment: a plain model, which loads where stopgrad_lr is
+        # not installed, so its outputs take the names of the layers that
+        # produce them (those of the model a rewrite was made from).
+        return finish(rebuild.model(model), model, copy, keep_output_names=False)
 
 
 # Matching -----------------------------------------------------------------

@@ -296,14 +296,23 @@ def _produced_names(model: keras.Model) -> list[str]:
     return [tensor._keras_history[0].name for tensor in model.outputs]
 
 
-def finish(new_model: keras.Model, original: keras.Model, copy: bool) -> keras.Model:
+def finish(
+    new_model: keras.Model,
+    original: keras.Model,
+    copy: bool,
+    keep_output_names: bool = True,
+) -> keras.Model:
     """`new_model`, or with `copy=True` a clone of it with weights of its own
     and the same trainability: `clone_model` keeps each layer's flag, not a
     variable's own (the gamma of a BatchNormalization frozen alone). Either
-    way a `NamedOutputsModel` when a new layer produces one of its outputs,
-    and with the input model's public attributes (see `_keep_attributes`)."""
+    way a `NamedOutputsModel` when a new layer produces one of its outputs
+    (with `keep_output_names=False`, a plain model whose outputs are named
+    after the layers that produce them), and with the input model's public
+    attributes (see `_keep_attributes`)."""
     if copy:
         new_model = _copied(new_model, original)
+    if not keep_output_names and not isinstance(new_model, keras.Sequential):
+        new_model.output_names = _produced_names(new_model)
     new_model = _named_outputs(new_model)
     _keep_attributes(new_model, original)
     return new_model
