@@ -250,7 +250,7 @@ def multi_optimizer(
         >>> hidden = keras.layers.Dense(8, name="backbone")(inputs)
         >>> model = keras.Model(inputs, keras.layers.Dense(2, name="head")(hidden))
         >>> optimizer = multi_optimizer(
-        ...     model, {"backbone": 0.1}, keras.optimizers.Adam(1e-3)
+        ...     model, {"backbone": 0.1}, keras.optimizers.Adam(1e-3, name="adam")
         ... )
         >>> sorted(
         ...     round(float(o.learning_rate), 6) for o in optimizer.optimizers
@@ -269,7 +269,7 @@ def multi_optimizer(
         >>> optimizer = multi_optimizer(
         ...     model,
         ...     {"head/kernel": 10.0, "head/bias": 20.0},
-        ...     keras.optimizers.AdamW(1e-3, weight_decay=0.05),
+        ...     keras.optimizers.AdamW(1e-3, weight_decay=0.05, name="adam_w"),
         ...     weight_decay_multipliers={"@bias": 0.0},
         ... )
         >>> for group in sorted(optimizer.optimizers, key=lambda o: o.name):
