@@ -16,7 +16,9 @@ from stopgrad_lr._layers import ParameterScale
 from stopgrad_lr._validation import invalid
 
 
-def _multiplier(values: frozenset[float]) -> float:
+def multiplier_of(values: frozenset[float]) -> float:
+    """The one multiplier of a set of path products: `nan` when they
+    disagree, 0.0 when there is no path."""
     if len(values) == 1:
         return next(iter(values))
     return math.nan if values else 0.0
@@ -28,7 +30,34 @@ def _layer_multiplier_sets(
     """Per layer object: the union of the multiplier sets of its call sites,
     and {0.0} for a frozen layer, whose learning rate is 0 whatever reaches
     it. With `parameter_scales`, a reparametrised layer's sets are times its
-    `ParameterScale.multiplier` (see `parameter_scale_of`)."""
+    `ParameterScale.multiplier` (see `parameter_scale_of`). A layer that
+    trains a variable another layer also holds gets that layer's sets too
+    (see `variable_multiplier_sets`)."""
+    per_layer = _call_sets(graph, parameter_scales)
+    per_variable = _shared(graph, per_layer)
+    for node in graph.nodes:
+        if node.variables:
+            per_layer[id(node.layer)] = frozenset().union(
+                *(per_variable[id(v)] for v in node.variables)
+            )
+    return per_layer
+
+
+def variable_multiplier_sets(
+    graph: Graph, parameter_scales: bool = True
+) -> dict[int, frozenset[float]]:
+    """Per trainable variable (id): the union of the sets of every layer
+    that holds it. Layers share variables beyond the calls of one layer: a
+    keras-hub causal LM projects its output back through its backbone's
+    token embedding, which in OPT is a sublayer of the backbone's
+    `embeddings` layer, so the embedding matrix trains through both paths
+    while the position embeddings beside it train through one."""
+    return _shared(graph, _call_sets(graph, parameter_scales))
+
+
+def _call_sets(graph: Graph, parameter_scales: bool) -> dict[int, frozenset[float]]:
+    """Per layer object: the union of its own calls' sets (see
+    `_layer_multiplier_sets`)."""
     node_sets = graph.multiplier_sets()
     per_layer: dict[int, set[float]] = {}
     for node in graph.nodes:
@@ -40,6 +69,18 @@ def _layer_multiplier_sets(
             values = {normalise(v * scale.multiplier) for v in values}
         per_layer.setdefault(id(node.layer), set()).update(values)
     return {key: frozenset(values) for key, values in per_layer.items()}
+
+
+def _shared(
+    graph: Graph, per_layer: dict[int, frozenset[float]]
+) -> dict[int, frozenset[float]]:
+    per_variable: dict[int, set[float]] = {}
+    for node in graph.nodes:
+        for variable in node.variables:
+            per_variable.setdefault(id(variable), set()).update(
+                per_layer[id(node.layer)]
+            )
+    return {key: frozenset(values) for key, values in per_variable.items()}
 
 
 def parameter_scale_of(graph: Graph, node: Node) -> ParameterScale | None:
@@ -101,7 +142,7 @@ def layer_multipliers(graph: Graph, parameter_scales: bool = True) -> dict[str, 
     (without reparametrisations, with `parameter_scales=False`)."""
     sets = _layer_multiplier_sets(graph, parameter_scales)
     return {
-        node.path: _multiplier(sets[id(node.layer)])
+        node.path: multiplier_of(sets[id(node.layer)])
         for node in graph.first_calls()
         if node.trainable or node.frozen
     }
@@ -457,7 +498,7 @@ class SummaryRow(NamedTuple):
     @property
     def multiplier(self) -> float:
         """The single multiplier, `nan` when paths disagree (see `multipliers`)."""
-        return _multiplier(frozenset(self.multipliers))
+        return multiplier_of(frozenset(self.multipliers))
 
 
 def summary(

@@ -17,7 +17,11 @@ from typing import Any
 
 import keras
 
-from stopgrad_lr._analysis import layer_multipliers, parameter_scale_of
+from stopgrad_lr._analysis import (
+    multiplier_of,
+    parameter_scale_of,
+    variable_multiplier_sets,
+)
 from stopgrad_lr._check import _Owners
 from stopgrad_lr._graph import Graph, check_model, normalise
 from stopgrad_lr._layers import ParameterScale
@@ -36,6 +40,9 @@ def variable_multipliers(
     the product of the gradient scales on the layer's paths to the outputs
     (`nan` when paths disagree), times the multiplier of a reparametrisation
     for the kind of optimizer it was made for (`ParameterScale.multiplier`).
+    A variable that two layers hold (a causal LM's token embedding, which
+    its output projection calls in reverse) counts the paths of both: a
+    scale between them makes it `nan`.
 
     With `optimizer`, what that optimizer makes of it, on its first steps:
 
@@ -61,7 +68,8 @@ def variable_multipliers(
         A dict from `"<layer path>/<variable path in the layer>"` (as
         `stopgrad_lr.multi_optimizer` patterns name variables, such as
         `"head/bias"` or `"decoder_block_0/attention/query/lora_kernel_b"`)
-        to its multiplier, in topological order of the layers.
+        to its multiplier, in topological order of the layers; a variable
+        that two layers hold is listed once, under the first.
 
     Raises:
         ValueError: If `model` is not a built functional or Sequential
@@ -85,12 +93,16 @@ def variable_multipliers(
             "optimizer", "a keras.optimizers.Optimizer, or None", optimizer, typed=True
         )
     graph = Graph(model)
-    scales = layer_multipliers(graph, parameter_scales=False)
+    scales = variable_multiplier_sets(graph, parameter_scales=False)
     reparametrised = _parameter_scales(graph)
     owners = _Owners(optimizer) if optimizer is not None else None
     result: dict[str, float] = {}
+    listed: set[int] = set()
     for site in sites(graph):
-        scale = scales[site.layer_path]
+        if id(site.variable) in listed:
+            continue  # held by a second layer too: listed under the first
+        listed.add(id(site.variable))
+        scale = multiplier_of(scales[id(site.variable)])
         parameter_scale = reparametrised.get(id(site.layer))
         if owners is None:
             value = scale
