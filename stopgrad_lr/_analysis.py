@@ -74,6 +74,8 @@ def _call_sets(graph: Graph, parameter_scales: bool) -> dict[int, frozenset[floa
 def _shared(
     graph: Graph, per_layer: dict[int, frozenset[float]]
 ) -> dict[int, frozenset[float]]:
+    """Per trainable variable (id): the union of `per_layer`'s sets of the
+    layers that hold it."""
     per_variable: dict[int, set[float]] = {}
     for node in graph.nodes:
         for variable in node.variables:
