@@ -603,7 +603,9 @@ def test_an_encoder_and_a_decoder_are_decayed_each_by_its_depth(build):
     )
     variables = model.trainable_variables
     before = [np.array(v) for v in variables]
-    optimizer.apply_gradients([(keras.ops.ones_like(v), v) for v in variables])
+    optimizer.apply_gradients(
+        [(keras.ops.ones(v.shape, dtype=v.dtype), v) for v in variables]
+    )
     moved = {
         id(v): (b - np.array(v)) / 0.5 for v, b in zip(variables, before, strict=True)
     }
