@@ -879,6 +879,22 @@ def _verify(new_graph: Graph, graph: Graph, targets: Mapping[int, float]) -> Non
         want = targets[id(node.layer)]
         have = got.get(node.path, math.nan)
         if not math.isclose(have, want, rel_tol=_CHECK_RTOL, abs_tol=0.0):
+            held = {id(v) for v in node.variables}
+            tied = [
+                other.path
+                for other in new_graph.nodes
+                if other.layer is not node.layer
+                and held & {id(v) for v in other.variables}
+            ]
+            if tied:
+                raise ValueError(
+                    f"Layer '{node.path}' cannot get multiplier {want:g} from a "
+                    f"gradient scale: it shares a variable with '{tied[0]}' (a "
+                    f"tied embedding), whose gradient reaches the variable "
+                    f"around the scale, so it would train at a mix of rates. "
+                    f"Give the variables their rates with "
+                    f"`stopgrad_lr.multi_optimizer(model, multipliers, optimizer)`."
+                )
             raise RuntimeError(  # pragma: no cover - a bug in this package
                 f"stopgrad_lr bug: layer '{node.path}' got multiplier {have} "
                 f"instead of {want}. Please report it with the model summary."

@@ -588,3 +588,26 @@ def test_a_frozen_layer_does_not_break_the_recipe():
     optimizer = multi_optimizer(model, recipe, keras.optimizers.AdamW(1e-3))
     reported = variable_multipliers(model, optimizer)
     assert reported["block1/kernel"] == 0.25 and "block0/kernel" not in reported
+
+
+class _TiedHead(keras.layers.Layer):
+    """Projects back through an embedding's matrix, as a tied LM head."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, x):
+        return keras.ops.matmul(x, keras.ops.transpose(self.embedding.embeddings))
+
+
+def test_a_tied_embedding_is_no_one_multiplier_and_the_rewrite_says_so():
+    ids = keras.Input((4,), dtype="int32")
+    embedding = keras.layers.Embedding(10, 8, name="embedding")
+    hidden = keras.layers.Dense(8, name="body")(embedding(ids))
+    model = keras.Model(ids, _TiedHead(embedding, name="tied_head")(hidden))
+    scaled = insert_gradient_scales(model, {"embedding": 0.5})
+    assert math.isnan(variable_multipliers(scaled)["embedding/embeddings"])
+    assert math.isnan(effective_multipliers(scaled)["embedding"])
+    with pytest.raises(ValueError, match=r"'embedding' cannot get multiplier 0.5.*"):
+        apply_lr_multipliers(model, {"embedding": 0.5})
